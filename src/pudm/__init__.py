@@ -1,0 +1,11 @@
+"""pudm: positive-unlabeled diffusion models.
+
+Train or fine-tune a diffusion model on unlabeled data U that secretly holds some sensitive items,
+plus a small labeled sensitive set S, so that it generates normal data only (Takahashi et al.,
+ICLR 2025).
+"""
+
+from pudm.objectives import ObjectiveOutput, objective, sensitive_score
+
+__version__ = "0.1.0"
+__all__ = ["ObjectiveOutput", "objective", "sensitive_score", "__version__"]

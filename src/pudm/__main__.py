@@ -1,0 +1,5 @@
+import sys
+
+from pudm.cli import main
+
+sys.exit(main())

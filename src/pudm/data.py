@@ -1,0 +1,253 @@
+"""Where U and S come from: PU splits of labeled sources, and mixed U/S mini-batches.
+
+A PU split draws, from a labeled source and a choice of normal classes, four disjoint parts:
+
+- U-normal and U-sensitive, shuffled together into the unlabeled set U (the model never sees which
+  is which; the hidden truth is kept on the split for evaluation and the ``oracle`` reference only);
+- S, a small labeled sensitive set;
+- a normal-only test split, used by evaluation alone.
+
+Small data sets live on the training device as one tensor; a mini-batch is an index into it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SOURCES = ("digits",)
+
+
+@dataclass(frozen=True)
+class LabeledSource:
+    """Images in [-1, 1], shape (N, C, H, W), float32, with integer class labels of shape (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    name: str
+
+
+@dataclass(frozen=True)
+class PUSplit:
+    """The data of one PU run.
+
+    Attributes:
+        unlabeled: U, shape (N_U, C, H, W), in [-1, 1].
+        sensitive: S, shape (N_S, C, H, W).
+        test: normal-only test images, shape (N_test, C, H, W); may be empty.
+        unlabeled_is_sensitive: hidden truth of U (bool, shape (N_U,)), or None where no labels
+            exist (user folders). Evaluation and the ``oracle`` method only.
+        unlabeled_labels / sensitive_labels / test_labels: fine class labels, or None.
+    """
+
+    unlabeled: torch.Tensor
+    sensitive: torch.Tensor
+    test: torch.Tensor
+    unlabeled_is_sensitive: torch.Tensor | None = None
+    unlabeled_labels: torch.Tensor | None = None
+    sensitive_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.unlabeled.shape[1:])  # type: ignore[return-value]
+
+    def summary(self) -> dict[str, int | float | None]:
+        hidden = self.unlabeled_is_sensitive
+        return {
+            "unlabeled": len(self.unlabeled),
+            "unlabeled_sensitive": None if hidden is None else int(hidden.sum()),
+            "sensitive": len(self.sensitive),
+            "test": len(self.test),
+            "true_beta": None if hidden is None else float(hidden.float().mean()),
+        }
+
+
+def load_digits_source(image_size: int = 8, channels: int = 1) -> LabeledSource:
+    """scikit-learn's handwritten digits (1,797 images, 8x8, grey levels 0..16, 10 classes).
+
+    Shipped with scikit-learn, so it works offline. Optionally resized (bilinear) to
+    ``image_size`` and copied to ``channels`` channels, as the paper does for MNIST. The per-sample
+    loss is a sum over pixels, so resizing changes the scale of l.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
+    images = resize_images(images, image_size)
+    if channels != 1:
+        images = images.expand(-1, channels, -1, -1).contiguous()
+    return LabeledSource(images=images, labels=torch.from_numpy(digits.target).long(), name="digits")
+
+
+def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bilinear resize of (N, C, H, W) images to square ``image_size`` (no-op when equal)."""
+    if images.shape[-1] == image_size and images.shape[-2] == image_size:
+        return images
+    resized = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return resized.clamp(-1.0, 1.0)
+
+
+def load_source(name: str, image_size: int, channels: int) -> LabeledSource:
+    if name == "digits":
+        return load_digits_source(image_size=image_size, channels=channels)
+    raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
+
+
+def build_pu_split(
+    source: LabeledSource,
+    normal_classes: tuple[int, ...],
+    num_unlabeled_normal: int,
+    num_unlabeled_sensitive: int,
+    num_sensitive: int,
+    num_test: int,
+    seed: int,
+) -> PUSplit:
+    """Draw disjoint U-normal, U-sensitive, S and normal-only test parts from ``source``.
+
+    Items of ``normal_classes`` are normal, all other classes sensitive. The draw depends only on
+    ``seed``, so the same seed always gives the same split.
+
+    Raises:
+        ValueError: when a count is negative, U or S would be empty, or the source holds too few
+            items of a kind.
+    """
+    for name, count in (
+        ("num_unlabeled_normal", num_unlabeled_normal),
+        ("num_unlabeled_sensitive", num_unlabeled_sensitive),
+        ("num_sensitive", num_sensitive),
+        ("num_test", num_test),
+    ):
+        if count < 0:
+            raise ValueError(f"{name} must be >= 0, got {count}")
+    if num_sensitive == 0:
+        raise ValueError("the labeled sensitive set S is empty: set num_sensitive > 0")
+    if num_unlabeled_normal + num_unlabeled_sensitive == 0:
+        raise ValueError("the unlabeled set U is empty: set num_unlabeled_normal > 0")
+
+    is_normal = torch.isin(source.labels, torch.tensor(normal_classes, dtype=source.labels.dtype))
+    generator = torch.Generator().manual_seed(seed)
+    normal_idx = torch.nonzero(is_normal).squeeze(1)
+    sensitive_idx = torch.nonzero(~is_normal).squeeze(1)
+    normal_idx = normal_idx[torch.randperm(len(normal_idx), generator=generator)]
+    sensitive_idx = sensitive_idx[torch.randperm(len(sensitive_idx), generator=generator)]
+
+    need_normal = num_unlabeled_normal + num_test
+    need_sensitive = num_unlabeled_sensitive + num_sensitive
+    if need_normal > len(normal_idx):
+        raise ValueError(
+            f"{source.name} has {len(normal_idx)} normal items but the split asks for {need_normal} "
+            "(U normal + test): lower the counts"
+        )
+    if need_sensitive > len(sensitive_idx):
+        raise ValueError(
+            f"{source.name} has {len(sensitive_idx)} sensitive items but the split asks for "
+            f"{need_sensitive} (U sensitive + S): lower the counts"
+        )
+
+    test_idx = normal_idx[:num_test]
+    unlabeled_normal_idx = normal_idx[num_test:need_normal]
+    unlabeled_sensitive_idx = sensitive_idx[:num_unlabeled_sensitive]
+    labeled_sensitive_idx = sensitive_idx[num_unlabeled_sensitive:need_sensitive]
+
+    unlabeled_idx = torch.cat([unlabeled_normal_idx, unlabeled_sensitive_idx])
+    hidden = torch.cat(
+        [
+            torch.zeros(len(unlabeled_normal_idx), dtype=torch.bool),
+            torch.ones(len(unlabeled_sensitive_idx), dtype=torch.bool),
+        ]
+    )
+    order = torch.randperm(len(unlabeled_idx), generator=generator)
+    unlabeled_idx, hidden = unlabeled_idx[order], hidden[order]
+    return PUSplit(
+        unlabeled=source.images[unlabeled_idx],
+        sensitive=source.images[labeled_sensitive_idx],
+        test=source.images[test_idx],
+        unlabeled_is_sensitive=hidden,
+        unlabeled_labels=source.labels[unlabeled_idx],
+        sensitive_labels=source.labels[labeled_sensitive_idx],
+        test_labels=source.labels[test_idx],
+    )
+
+
+class IndexStream:
+    """An endless stream of indices into ``range(size)``: one fresh permutation per epoch.
+
+    The permutation of epoch ``e`` depends only on ``(seed, e)``, so the indices of any step can be
+    recomputed from the step number alone: resuming needs no sampler state.
+    """
+
+    def __init__(self, size: int, seed: int):
+        if size <= 0:
+            raise ValueError("cannot draw batches from an empty set")
+        self.size = size
+        self.seed = seed
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.size, generator=generator)
+            self._epoch = epoch
+        return self._perm
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        """Indices at stream positions ``start .. start + count - 1``."""
+        pieces = []
+        position = start
+        while count > 0:
+            epoch, offset = divmod(position, self.size)
+            chunk = self._permutation(epoch)[offset : offset + count]
+            pieces.append(chunk)
+            position += len(chunk)
+            count -= len(chunk)
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+
+
+class PUBatches:
+    """Mini-batches that mix U and S, as index tensors into a pool ``cat([U, S])`` on the device.
+
+    With ``sensitive_per_batch=None`` (the paper's way) batches are drawn from the pooled U and S,
+    so each batch holds S items in proportion to ``|S| / (|U| + |S|)`` on average. With an integer
+    ``k``, every batch holds exactly ``k`` S items and ``batch_size - k`` U items.
+    """
+
+    def __init__(
+        self,
+        num_unlabeled: int,
+        num_sensitive: int,
+        batch_size: int,
+        seed: int,
+        sensitive_per_batch: int | None = None,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if sensitive_per_batch is not None and not 0 <= sensitive_per_batch <= batch_size:
+            raise ValueError(
+                f"sensitive_per_batch must be in [0, batch_size={batch_size}], got {sensitive_per_batch}"
+            )
+        self.num_unlabeled = num_unlabeled
+        self.num_sensitive = num_sensitive
+        self.batch_size = batch_size
+        self.sensitive_per_batch = sensitive_per_batch
+        if sensitive_per_batch is None:
+            self._pool = IndexStream(num_unlabeled + num_sensitive, seed)
+        else:
+            self._unlabeled = IndexStream(num_unlabeled, seed)
+            self._sensitive = IndexStream(num_sensitive, seed + 7919) if sensitive_per_batch else None
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Pool indices of the batch of ``step``: U items are < num_unlabeled, S items after."""
+        if self.sensitive_per_batch is None:
+            return self._pool.take(step * self.batch_size, self.batch_size)
+        num_s = self.sensitive_per_batch
+        num_u = self.batch_size - num_s
+        unlabeled = self._unlabeled.take(step * num_u, num_u)
+        if self._sensitive is None:
+            return unlabeled
+        sensitive = self._sensitive.take(step * num_s, num_s) + self.num_unlabeled
+        return torch.cat([unlabeled, sensitive])

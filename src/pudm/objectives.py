@@ -1,0 +1,205 @@
+"""Training objectives for positive-unlabeled (PU) diffusion models.
+
+Every objective here is a pure function of a *per-sample* denoising error ``l(x)`` and a boolean
+mask that says which items of the batch come from the labeled sensitive set S (the rest come from
+the unlabeled set U). The denoising error is the squared error of the noise prediction summed over
+all dimensions of one sample::
+
+    l(x) = || eps_theta(x_t, t) - eps ||^2,      x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps
+
+which is a one-sample estimate of the negative ELBO up to constants. Reading ``exp(-l(x))`` as the
+probability that ``x`` is normal gives a binary classifier whose loss is ``l`` on normal items and
+
+    h(l) = -log(1 - exp(-l))
+
+on sensitive items (Takahashi et al., "Positive-Unlabeled Diffusion Models for Preventing Sensitive
+Data Generation", ICLR 2025). Since U is the mixture ``beta p_S + (1 - beta) p_N``, the normal risk
+is ``(1 - beta) E_N[l] = E_U[l] - beta E_S[l]`` and the PU objective is::
+
+    beta * mean_S h(l)  +  | mean_U l  -  beta * mean_S l |
+
+The absolute value follows absPU (Hammoudeh & Lowd, 2020); ``correction="nn"`` follows nnPU (Kiryo
+et al., 2017): when the bracket is negative, the quantity backpropagated is its negation.
+
+This module imports only torch, so it can be reused by any training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("unsupervised", "supervised", "pu")
+CORRECTIONS = ("abs", "nn")
+
+# l is clamped away from 0 before h(l) = -log(1 - exp(-l)), which is +inf at l = 0.
+_MIN_LOSS = 1e-6
+
+
+@dataclass(frozen=True)
+class ObjectiveOutput:
+    """What a training step backpropagates and what it logs.
+
+    Attributes:
+        loss: scalar to backpropagate.
+        risk: the value of the objective (for nnPU this differs from ``loss`` when the correction
+            fires: nnPU reports the clamped risk but backpropagates the negated bracket).
+        positive_risk: ``beta * mean_S h(l)``, the sensitive-as-sensitive term (0 for unsupervised).
+        negative_risk: the normal-risk estimate (the bracket ``mean_U l - beta mean_S l`` for pu).
+        mean_unlabeled_loss: ``mean_U l``.
+        mean_sensitive_loss: ``mean_S l``.
+        corrected: whether the absPU/nnPU correction fired (the bracket was negative).
+        num_unlabeled: items from U in the batch.
+        num_sensitive: items from S in the batch.
+    """
+
+    loss: torch.Tensor
+    risk: torch.Tensor
+    positive_risk: torch.Tensor
+    negative_risk: torch.Tensor
+    mean_unlabeled_loss: torch.Tensor
+    mean_sensitive_loss: torch.Tensor
+    corrected: torch.Tensor
+    num_unlabeled: torch.Tensor
+    num_sensitive: torch.Tensor
+
+    def log_dict(self) -> dict[str, float]:
+        """Host-side floats for logging. Synchronises with the device: call at log ticks only."""
+        return {
+            "loss": float(self.loss.detach()),
+            "risk": float(self.risk.detach()),
+            "positive_risk": float(self.positive_risk.detach()),
+            "negative_risk": float(self.negative_risk.detach()),
+            "mean_unlabeled_loss": float(self.mean_unlabeled_loss.detach()),
+            "mean_sensitive_loss": float(self.mean_sensitive_loss.detach()),
+            "corrected": float(self.corrected.detach()),
+            "num_unlabeled": int(self.num_unlabeled),
+            "num_sensitive": int(self.num_sensitive),
+        }
+
+
+def sensitive_score(per_sample_loss: torch.Tensor) -> torch.Tensor:
+    """h(l) = -log(1 - exp(-l)), computed stably with l clamped above 0.
+
+    h is the negative log-probability of "sensitive" under the classifier p(normal|x) = exp(-l).
+    It is positive, decreases in l and tends to 0 as l grows, so minimising it raises l without the
+    unbounded run-away of plain gradient ascent.
+    """
+    loss = per_sample_loss.clamp_min(_MIN_LOSS)
+    # log(1 - exp(-l)) in two branches (Maechler 2012, "log1mexp"): -log(-expm1(-l)) is exact for
+    # small l; for l > log 2, log1p(-exp(-l)) keeps the tiny value that 1 - exp(-l) would round away.
+    small = loss <= math.log(2.0)
+    near_zero = -torch.log(-torch.expm1(-loss.where(small, torch.ones_like(loss))))
+    far = -torch.log1p(-torch.exp(-loss.where(~small, torch.ones_like(loss))))
+    return torch.where(small, near_zero, far)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Count clamped to >= 1 so that a batch without items of one kind gives 0, not NaN.
+    count = mask.sum().clamp_min(1).to(values.dtype)
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / count
+
+
+def objective(
+    method: str,
+    per_sample_loss: torch.Tensor,
+    is_sensitive: torch.Tensor,
+    beta: float = 0.1,
+    correction: str = "abs",
+) -> ObjectiveOutput:
+    """Reduce a per-sample denoising error to the training objective of ``method``.
+
+    Args:
+        method: ``"unsupervised"`` (mean_U l; S ignored), ``"supervised"`` (l on U items, h(l) on
+            S items, averaged over the batch: every unlabeled item treated as normal) or ``"pu"``
+            (``beta mean_S h(l) + |mean_U l - beta mean_S l|``).
+        per_sample_loss: shape ``(batch,)``, the summed squared noise-prediction error per item.
+            Computed in float32 or higher precision for stable results; other dtypes are upcast.
+        is_sensitive: shape ``(batch,)`` bool, True for items drawn from the labeled sensitive set S.
+        beta: share of sensitive items inside U, in [0, 1). Used by ``pu`` only; ``beta=0`` reduces
+            ``pu`` to ``unsupervised``.
+        correction: ``"abs"`` (absPU, the paper's choice) or ``"nn"`` (nnPU) for ``pu``.
+
+    Returns:
+        ObjectiveOutput with the scalar to backpropagate and the parts worth logging.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown objective method {method!r}; choose one of {', '.join(METHODS)}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; choose one of {', '.join(CORRECTIONS)}")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    if per_sample_loss.ndim != 1 or per_sample_loss.shape != is_sensitive.shape:
+        raise ValueError(
+            "per_sample_loss and is_sensitive must both have shape (batch,), got "
+            f"{tuple(per_sample_loss.shape)} and {tuple(is_sensitive.shape)}"
+        )
+
+    half = (torch.float16, torch.bfloat16)
+    loss = per_sample_loss.float() if per_sample_loss.dtype in half else per_sample_loss
+    sensitive = is_sensitive.bool()
+    unlabeled = ~sensitive
+    num_sensitive = sensitive.sum()
+    num_unlabeled = unlabeled.sum()
+
+    mean_unlabeled = _masked_mean(loss, unlabeled)
+    mean_sensitive = _masked_mean(loss, sensitive)
+    zero = loss.new_zeros(())
+    not_corrected = torch.zeros((), dtype=torch.bool, device=loss.device)
+
+    if method == "unsupervised":
+        return ObjectiveOutput(
+            loss=mean_unlabeled,
+            risk=mean_unlabeled,
+            positive_risk=zero,
+            negative_risk=mean_unlabeled,
+            mean_unlabeled_loss=mean_unlabeled,
+            mean_sensitive_loss=mean_sensitive,
+            corrected=not_corrected,
+            num_unlabeled=num_unlabeled,
+            num_sensitive=num_sensitive,
+        )
+
+    scores = sensitive_score(loss)
+    if method == "supervised":
+        # Every unlabeled item is treated as normal; the batch mean weighs each item once.
+        per_item = torch.where(sensitive, scores, loss)
+        batch_size = max(per_item.numel(), 1)
+        batch_mean = per_item.sum() / batch_size
+        positive = torch.where(sensitive, scores, torch.zeros_like(scores)).sum() / batch_size
+        return ObjectiveOutput(
+            loss=batch_mean,
+            risk=batch_mean,
+            positive_risk=positive,
+            negative_risk=batch_mean - positive,
+            mean_unlabeled_loss=mean_unlabeled,
+            mean_sensitive_loss=mean_sensitive,
+            corrected=not_corrected,
+            num_unlabeled=num_unlabeled,
+            num_sensitive=num_sensitive,
+        )
+
+    positive = beta * _masked_mean(scores, sensitive)
+    bracket = mean_unlabeled - beta * mean_sensitive
+    corrected = bracket < 0
+    risk = positive + bracket.abs()
+    if correction == "abs":
+        to_backpropagate = risk
+    else:
+        # nnPU: report max(0, bracket) but, when the bracket is negative, step on -bracket alone
+        # to push it back up (Kiryo et al. 2017, Algorithm 1).
+        risk = positive + bracket.clamp_min(0)
+        to_backpropagate = torch.where(corrected, -bracket, positive + bracket)
+    return ObjectiveOutput(
+        loss=to_backpropagate,
+        risk=risk,
+        positive_risk=positive,
+        negative_risk=bracket,
+        mean_unlabeled_loss=mean_unlabeled,
+        mean_sensitive_loss=mean_sensitive,
+        corrected=corrected,
+        num_unlabeled=num_unlabeled,
+        num_sensitive=num_sensitive,
+    )

@@ -1,0 +1,81 @@
+"""Sampling: plain functions over a UNet (or a saved pipeline) and a diffusers scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pudm.models import sampler_scheduler
+
+
+@torch.no_grad()
+def generate(
+    unet: UNet2DModel,
+    scheduler_config: dict,
+    num: int,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """Draw ``num`` samples as uint8 images of shape (num, H, W, C).
+
+    The pipeline is a plain diffusers DDPMPipeline whose scheduler is swapped for ``sampler``
+    (ddpm, ddim or dpm = DPM-Solver++), sharing the training noise schedule. Batch ``i`` uses the
+    seed ``seed + i``, so the same call always returns the same images.
+    """
+    if num <= 0:
+        raise ValueError(f"--num must be > 0, got {num}")
+    if steps <= 0:
+        raise ValueError(f"--steps must be > 0, got {steps}")
+    pipeline = DDPMPipeline(unet=unet, scheduler=sampler_scheduler(sampler, scheduler_config))
+    pipeline.set_progress_bar_config(disable=True)
+    batches = []
+    count = range(0, num, batch_size)
+    for i, start in enumerate(
+        tqdm(count, desc=f"sampling ({sampler}, {steps} steps)", disable=not show_progress)
+    ):
+        size = min(batch_size, num - start)
+        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        images = pipeline(
+            batch_size=size, generator=generator, num_inference_steps=steps, output_type="np"
+        ).images
+        batches.append(images)
+    images = np.concatenate(batches)
+    return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+
+
+def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C) into one (H', W', C) array with white borders."""
+    num, height, width, channels = images.shape
+    columns = columns or int(np.ceil(np.sqrt(num)))
+    rows = int(np.ceil(num / columns))
+    grid = np.full(
+        (rows * (height + pad) + pad, columns * (width + pad) + pad, channels), 255, dtype=np.uint8
+    )
+    for index in range(num):
+        row, col = divmod(index, columns)
+        top, left = pad + row * (height + pad), pad + col * (width + pad)
+        grid[top : top + height, left : left + width] = images[index]
+    return grid
+
+
+def save_png(array: np.ndarray, path: Path, scale: int = 4) -> None:
+    """Save one uint8 (H, W, C) array as a PNG, enlarged ``scale`` times, via a temporary file."""
+    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    picture.save(tmp)
+    tmp.replace(path)
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int | None = None, scale: int = 4) -> None:
+    """Save uint8 images (N, H, W, C) as one PNG grid."""
+    save_png(make_grid(images, columns), path, scale)

@@ -1,0 +1,371 @@
+"""The training loop: PU diffusion training on accelerate.
+
+One loop for every method. A step draws a mixed U/S batch (indices into one tensor on the device),
+computes the per-sample denoising error and lets :func:`pudm.objectives.objective` reduce it.
+Logging, checkpoints and the sample grid happen per tick, outside the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from tqdm.auto import tqdm
+
+from pudm import runs
+from pudm.config import RunConfig
+from pudm.data import PUBatches, PUSplit, build_pu_split, load_source
+from pudm.models import build_noise_scheduler, build_unet, save_pipeline
+from pudm.objectives import objective
+from pudm.sampling import generate, save_grid
+
+
+def per_sample_denoising_loss(
+    unet: torch.nn.Module,
+    noise_scheduler: DDPMScheduler,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """l(x) = ||eps_theta(x_t, t) - eps||^2 summed over all dimensions, one value per sample.
+
+    For a v-prediction schedule the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x instead.
+    Returned in float32 whatever the autocast dtype, so the objective is reduced in full precision.
+    """
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    prediction = unet(noisy, timesteps).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(clean, noise, timesteps)
+    else:
+        target = noise
+    return (prediction.float() - target.float()).pow(2).flatten(1).sum(1)
+
+
+def split_from_config(config: RunConfig) -> PUSplit:
+    """The PU split that ``config.data`` describes (deterministic in ``split_seed``)."""
+    data = config.data
+    source = load_source(data.source, data.image_size, data.channels)
+    return build_pu_split(
+        source,
+        data.normal_classes,
+        data.num_unlabeled_normal,
+        data.num_unlabeled_sensitive,
+        data.num_sensitive,
+        data.num_test,
+        data.split_seed,
+    )
+
+
+def training_pool(split: PUSplit, method: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The tensor that batches index into, its is-sensitive mask, and the |U|, |S| it holds.
+
+    Methods that ignore S (unsupervised, oracle) draw from U alone, so their batches are all
+    training signal. ``oracle`` keeps only the hidden-normal part of U.
+    """
+    unlabeled = split.unlabeled
+    if method == "oracle":
+        if split.unlabeled_is_sensitive is None:
+            raise ValueError(
+                "method 'oracle' needs the hidden labels of U, and this data has none: "
+                "use unsupervised, supervised or pu"
+            )
+        unlabeled = unlabeled[~split.unlabeled_is_sensitive]
+    if method in ("unsupervised", "oracle"):
+        return unlabeled, torch.zeros(len(unlabeled), dtype=torch.bool), len(unlabeled), 0
+    pool = torch.cat([unlabeled, split.sensitive])
+    is_sensitive = torch.cat(
+        [torch.zeros(len(unlabeled), dtype=torch.bool), torch.ones(len(split.sensitive), dtype=torch.bool)]
+    )
+    return pool, is_sensitive, len(unlabeled), len(split.sensitive)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = list(ema.parameters())
+    model_params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """Warm-up of the EMA decay, (1 + step) / (10 + step) capped at ``decay``: early weights fade."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint of the last complete step was saved."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved: continue with pudm train --resume --out {run_dir}"
+        )
+        self.step = step
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_metrics: dict[str, float]
+
+
+class Trainer:
+    """Trains one run into ``run_dir`` from a resolved :class:`RunConfig` and a :class:`PUSplit`.
+
+    ``train()`` builds the UNet, its EMA copy, AdamW and the learning-rate schedule, optionally
+    restores them from the last checkpoint, runs the loop, and writes the final pipeline and grid.
+    SIGINT/SIGTERM stop the loop between two steps with a checkpoint of the last complete step.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        split: PUSplit,
+        run_dir: Path,
+        accelerator: Accelerator | None = None,
+        show_progress: bool = True,
+    ):
+        config.validate()
+        self.config = config
+        self.split = split
+        self.run_dir = Path(run_dir)
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
+        self.show_progress = show_progress
+        self.last_metrics: dict[str, float] = {}
+
+    def _build(self) -> None:
+        cfg = self.config
+        channels, image_size = self.split.image_shape[0], self.split.image_shape[-1]
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
+            torch.manual_seed(cfg.train.seed)
+            self.unet = build_unet(cfg.model, image_size=image_size, channels=channels)
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.unet.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+        )
+        if cfg.train.lr_schedule == "cosine":
+            self.lr_scheduler = get_cosine_schedule_with_warmup(
+                self.optimizer, cfg.train.warmup_steps, cfg.train.steps
+            )
+        else:
+            self.lr_scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.train.warmup_steps)
+        self.noise_scheduler = build_noise_scheduler(cfg.model)
+
+    def _restore(self) -> int:
+        """Load the last checkpoint into the freshly built state; return its step."""
+        checkpoints = runs.list_checkpoints(self.run_dir)
+        if not checkpoints:
+            raise runs.RunError(f"--resume: {self.run_dir} holds no checkpoint yet: run without --resume")
+        checkpoint = runs.load_checkpoint(checkpoints[-1])
+        if checkpoint["config"] != self.config.to_dict():
+            raise runs.RunError(
+                f"checkpoint {checkpoints[-1]} was written by another configuration: resume with the "
+                "run's own settings, or start again with --overwrite"
+            )
+        self.unet.load_state_dict(checkpoint["model"])
+        self.ema.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["state"]["optimizer"])
+        self.lr_scheduler.load_state_dict(checkpoint["state"]["lr_scheduler"])
+        step = int(checkpoint["state"]["step"])
+        if self.accelerator.is_main_process:
+            runs.truncate_metrics(self.run_dir / "metrics.jsonl", step)
+        return step
+
+    def train(self, resume: bool = False) -> TrainResult:
+        cfg, accelerator = self.config, self.accelerator
+        self._build()
+        start_step = self._restore() if resume else 0
+        self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
+        device = accelerator.device
+        self.ema.to(device)
+        # add_noise indexes alphas_cumprod by the timesteps: keep both on the device.
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+
+        progress = tqdm(
+            total=cfg.train.steps,
+            initial=start_step,
+            desc=f"{cfg.train.method} train",
+            disable=not (self.show_progress and accelerator.is_main_process),
+            dynamic_ncols=True,
+        )
+        self.unet.train()
+        with StopRequest() as stop:
+            self._loop(start_step, progress, stop)
+        progress.close()
+
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self._checkpoint(cfg.train.steps)
+            self._finish()
+        return TrainResult(self.run_dir, cfg.train.steps, self.last_metrics)
+
+    def _loop(self, start_step: int, progress: tqdm, stop: StopRequest) -> None:
+        accelerator, train = self.accelerator, self.config.train
+        device = accelerator.device
+        unet, noise_scheduler = self.unet, self.noise_scheduler
+        pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(self.split, train.method)
+        pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
+        batches = PUBatches(
+            num_unlabeled,
+            num_sensitive,
+            train.batch_size,
+            seed=train.seed * 1000 + accelerator.process_index,
+            sensitive_per_batch=self.config.data.sensitive_per_batch if num_sensitive else None,
+        )
+        objective_method = "unsupervised" if train.method == "oracle" else train.method
+        tick_values: list[torch.Tensor] = []
+        tick_start, tick_steps = time.perf_counter(), 0
+        for step in range(start_step, train.steps):
+            index = batches.indices(step).to(device)
+            clean, is_sensitive = pool[index], pool_is_sensitive[index]
+            # One generator per step: the noise of step k depends only on (seed, k, process), so a
+            # resumed run draws exactly what an uninterrupted one would.
+            generator = torch.Generator(device=device).manual_seed(
+                (train.seed * 1_000_003 + step) * 64 + accelerator.process_index
+            )
+            noise = torch.randn(clean.shape, generator=generator, device=device)
+            timesteps = torch.randint(
+                0,
+                noise_scheduler.config.num_train_timesteps,
+                (len(clean),),
+                generator=generator,
+                device=device,
+            )
+            with accelerator.autocast():
+                per_sample_loss = per_sample_denoising_loss(unet, noise_scheduler, clean, noise, timesteps)
+            out = objective(
+                objective_method, per_sample_loss, is_sensitive, beta=train.beta, correction=train.correction
+            )
+            accelerator.backward(out.loss)
+            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), train.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            update_ema(self.ema, accelerator.unwrap_model(unet), ema_decay_at(step, train.ema_decay))
+
+            tick_values.append(_tick_row(out, grad_norm))
+            tick_steps += 1
+            done = step + 1
+            if done % train.log_every == 0 or done == train.steps:
+                self._log_tick(done, tick_values, tick_steps, time.perf_counter() - tick_start, progress)
+                tick_values, tick_start, tick_steps = [], time.perf_counter(), 0
+            progress.update(1)
+            if stop.requested and done < train.steps:
+                # Between two steps the state is consistent: save it, then leave.
+                self._checkpoint(done)
+                raise TrainingInterrupted(done, self.run_dir)
+            if done % train.checkpoint_every == 0 and done < train.steps:
+                self._checkpoint(done)
+
+    def _log_tick(self, step: int, rows: list[torch.Tensor], steps: int, seconds: float, progress) -> None:
+        # The only host sync of the loop: once per tick.
+        means = dict(zip(TICK_FIELDS, torch.stack(rows).mean(0).tolist(), strict=True))
+        images = steps * self.config.train.batch_size * self.accelerator.num_processes
+        self.last_metrics = {
+            "step": step,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            **means,
+            "steps_per_second": steps / seconds,
+            "images_per_second": images / seconds,
+        }
+        if self.accelerator.is_main_process:
+            runs.append_jsonl(self.run_dir / "metrics.jsonl", self.last_metrics)
+        progress.set_postfix(loss=f"{means['loss']:.3g}", bracket=f"{means['bracket']:.3g}", refresh=False)
+
+    def _checkpoint(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        runs.save_checkpoint(
+            self.run_dir,
+            step,
+            model_state=self.accelerator.unwrap_model(self.unet).state_dict(),
+            ema_state=self.ema.state_dict(),
+            trainer_state={
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+            },
+            config=self.config.to_dict(),
+            keep=self.config.train.keep_checkpoints,
+        )
+
+    def _finish(self) -> None:
+        """Final EMA weights as a diffusers pipeline, a sample grid, and summary.json (last)."""
+        cfg = self.config
+        ema = copy.deepcopy(self.ema).to("cpu").eval()
+        training_schedule = build_noise_scheduler(cfg.model)
+        runs.atomic_write_dir(
+            self.run_dir / "pipeline", lambda tmp: save_pipeline(ema, training_schedule, tmp)
+        )
+        images = generate(
+            ema,
+            training_schedule.config,
+            num=cfg.sample.grid_size,
+            sampler=cfg.sample.sampler,
+            steps=cfg.sample.steps,
+            seed=cfg.train.seed,
+            show_progress=False,
+        )
+        save_grid(images, self.run_dir / "samples.png")
+        runs.atomic_write_json(
+            self.run_dir / "summary.json",
+            {"steps": cfg.train.steps, "final_metrics": self.last_metrics, "data": self.split.summary()},
+        )
+
+
+# What each log tick averages; "bracket" is the PU negative-risk estimate mean_U l - beta mean_S l.
+TICK_FIELDS = (
+    "loss",
+    "risk",
+    "positive_risk",
+    "bracket",
+    "mean_unlabeled_loss",
+    "mean_sensitive_loss",
+    "corrected_fraction",
+    "sensitive_per_batch",
+    "grad_norm",
+)
+
+
+def _tick_row(out, grad_norm) -> torch.Tensor:
+    """One step's TICK_FIELDS as a device tensor (no host sync)."""
+    return torch.stack(
+        [
+            out.loss.detach(),
+            out.risk.detach(),
+            out.positive_risk.detach(),
+            out.negative_risk.detach(),
+            out.mean_unlabeled_loss.detach(),
+            out.mean_sensitive_loss.detach(),
+            out.corrected.detach().float(),
+            out.num_sensitive.detach().float(),
+            torch.as_tensor(grad_norm, device=out.loss.device).float(),
+        ]
+    )

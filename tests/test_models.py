@@ -1,0 +1,51 @@
+"""Model presets and the per-sample denoising error."""
+
+import pytest
+import torch
+
+from pudm.config import ModelConfig, preset
+from pudm.models import build_noise_scheduler, build_unet, model_preset
+from pudm.training import per_sample_denoising_loss
+
+
+def test_paper_preset_is_the_papers_unet():
+    unet = build_unet(model_preset("paper"), image_size=32, channels=3)
+    assert tuple(unet.config.block_out_channels) == (128, 128, 256, 512)
+    assert unet.config.layers_per_block == 2
+    assert unet.config.down_block_types[2] == "AttnDownBlock2D"
+    assert unet.config.up_block_types[1] == "AttnUpBlock2D"
+    assert sum(p.numel() for p in unet.parameters()) > 30_000_000
+
+
+def test_small_preset_is_small_and_digits_use_v_prediction():
+    unet = build_unet(model_preset("small"), image_size=8, channels=1)
+    assert sum(p.numel() for p in unet.parameters()) < 2_000_000
+    assert preset("digits_even").model.prediction_type == "v_prediction"
+    assert ModelConfig().prediction_type == "epsilon", "the paper's loss stays the library default"
+
+
+def test_image_size_must_fit_the_unet_depth():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        build_unet(model_preset("paper"), image_size=12, channels=1)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_per_sample_loss_is_a_sum_over_dimensions(prediction_type):
+    config = ModelConfig(prediction_type=prediction_type)
+    scheduler = build_noise_scheduler(config)
+
+    class Constant(torch.nn.Module):  # predicts zero: l is then the squared norm of the target
+        def forward(self, sample, timesteps):
+            return type("Out", (), {"sample": torch.zeros_like(sample)})()
+
+    clean = torch.randn(3, 1, 4, 4)
+    noise = torch.randn(3, 1, 4, 4)
+    timesteps = torch.tensor([0, 500, 999])
+    loss = per_sample_denoising_loss(Constant(), scheduler, clean, noise, timesteps)
+    if prediction_type == "epsilon":
+        target = noise
+    else:
+        abar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * clean
+    assert loss.shape == (3,)
+    assert torch.allclose(loss, target.pow(2).sum((1, 2, 3)), rtol=1e-5)
