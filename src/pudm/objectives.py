@@ -141,65 +141,40 @@ def objective(
     loss = per_sample_loss.float() if per_sample_loss.dtype in half else per_sample_loss
     sensitive = is_sensitive.bool()
     unlabeled = ~sensitive
-    num_sensitive = sensitive.sum()
-    num_unlabeled = unlabeled.sum()
 
     mean_unlabeled = _masked_mean(loss, unlabeled)
     mean_sensitive = _masked_mean(loss, sensitive)
-    zero = loss.new_zeros(())
-    not_corrected = torch.zeros((), dtype=torch.bool, device=loss.device)
+    corrected = torch.zeros((), dtype=torch.bool, device=loss.device)
 
     if method == "unsupervised":
-        return ObjectiveOutput(
-            loss=mean_unlabeled,
-            risk=mean_unlabeled,
-            positive_risk=zero,
-            negative_risk=mean_unlabeled,
-            mean_unlabeled_loss=mean_unlabeled,
-            mean_sensitive_loss=mean_sensitive,
-            corrected=not_corrected,
-            num_unlabeled=num_unlabeled,
-            num_sensitive=num_sensitive,
-        )
-
-    scores = sensitive_score(loss)
-    if method == "supervised":
+        positive = loss.new_zeros(())
+        negative = risk = to_backpropagate = mean_unlabeled
+    elif method == "supervised":
         # Every unlabeled item is treated as normal; the batch mean weighs each item once.
-        per_item = torch.where(sensitive, scores, loss)
-        batch_size = max(per_item.numel(), 1)
-        batch_mean = per_item.sum() / batch_size
+        scores = sensitive_score(loss)
+        batch_size = max(loss.numel(), 1)
         positive = torch.where(sensitive, scores, torch.zeros_like(scores)).sum() / batch_size
-        return ObjectiveOutput(
-            loss=batch_mean,
-            risk=batch_mean,
-            positive_risk=positive,
-            negative_risk=batch_mean - positive,
-            mean_unlabeled_loss=mean_unlabeled,
-            mean_sensitive_loss=mean_sensitive,
-            corrected=not_corrected,
-            num_unlabeled=num_unlabeled,
-            num_sensitive=num_sensitive,
-        )
-
-    positive = beta * _masked_mean(scores, sensitive)
-    bracket = mean_unlabeled - beta * mean_sensitive
-    corrected = bracket < 0
-    risk = positive + bracket.abs()
-    if correction == "abs":
-        to_backpropagate = risk
+        negative = torch.where(sensitive, torch.zeros_like(loss), loss).sum() / batch_size
+        risk = to_backpropagate = positive + negative
     else:
-        # nnPU: report max(0, bracket) but, when the bracket is negative, step on -bracket alone
-        # to push it back up (Kiryo et al. 2017, Algorithm 1).
-        risk = positive + bracket.clamp_min(0)
-        to_backpropagate = torch.where(corrected, -bracket, positive + bracket)
+        positive = beta * _masked_mean(sensitive_score(loss), sensitive)
+        negative = mean_unlabeled - beta * mean_sensitive  # the bracket: (1 - beta) E_N[l]
+        corrected = negative < 0
+        if correction == "abs":
+            risk = to_backpropagate = positive + negative.abs()
+        else:
+            # nnPU: report max(0, bracket) but, when the bracket is negative, step on -bracket
+            # alone to push it back up (Kiryo et al. 2017, Algorithm 1).
+            risk = positive + negative.clamp_min(0)
+            to_backpropagate = torch.where(corrected, -negative, positive + negative)
     return ObjectiveOutput(
         loss=to_backpropagate,
         risk=risk,
         positive_risk=positive,
-        negative_risk=bracket,
+        negative_risk=negative,
         mean_unlabeled_loss=mean_unlabeled,
         mean_sensitive_loss=mean_sensitive,
         corrected=corrected,
-        num_unlabeled=num_unlabeled,
-        num_sensitive=num_sensitive,
+        num_unlabeled=unlabeled.sum(),
+        num_sensitive=sensitive.sum(),
     )
