@@ -187,6 +187,19 @@ def test_existing_run_is_never_clobbered(finished_run, capsys, tmp_path):
     assert (stranger / "cat.jpg").read_bytes() == b"x"
 
 
+def test_resume_of_a_run_killed_before_its_first_checkpoint(tmp_path, finished_run):
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "config.json").write_text((finished_run / "config.json").read_text())
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 1.0}\n')
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    resumed, full = load_file(run / weights), load_file(finished_run / weights)
+    assert all(torch.equal(resumed[k], full[k]) for k in full)
+
+
 def test_resume_without_checkpoint_or_run(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pudm.data import IndexStream, LabeledSource, PUBatches, build_pu_split, load_digits_source
+from pudm.data import IndexStream, LabeledSource, PUBatches, PUSplit, build_pu_split, load_digits_source
 
 
 def toy_source(count: int = 200) -> LabeledSource:
@@ -93,3 +93,17 @@ def test_batches_reject_bad_settings():
         PUBatches(10, 5, batch_size=4, seed=0, sensitive_per_batch=5)
     with pytest.raises(ValueError, match="batch_size"):
         PUBatches(10, 5, batch_size=0, seed=0)
+
+
+def test_oracle_is_refused_where_u_has_no_labels():
+    from pudm.training import check_method_fits_data, training_pool
+
+    images = torch.zeros(4, 1, 2, 2)
+    unlabeled_only = PUSplit(unlabeled=images, sensitive=images[:1], test=images[:0])
+    with pytest.raises(ValueError, match="oracle needs the hidden labels"):
+        check_method_fits_data("oracle", unlabeled_only)
+    pool, is_sensitive, num_u, num_s = training_pool(unlabeled_only, "pu")
+    assert (len(pool), num_u, num_s, int(is_sensitive.sum())) == (5, 4, 1, 1)
+    labeled = build_pu_split(toy_source(), (0, 2, 4, 6, 8), 50, 5, 20, 30, seed=3)
+    pool, is_sensitive, num_u, num_s = training_pool(labeled, "oracle")
+    assert (len(pool), num_u, num_s) == (50, 50, 0), "oracle keeps only the hidden-normal part of U"

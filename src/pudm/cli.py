@@ -109,7 +109,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """The preset with every flag the user gave applied, validated."""
-    config = preset(args.preset)
+    config = preset(args.preset or "digits_even")
     if args.model is not None:
         # A model preset sets the architecture; the preset's prediction type stays unless overridden.
         prediction_type = config.model.prediction_type
@@ -144,7 +144,7 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
         wanted = model_preset(args.model)
         if wanted.block_out_channels != config.model.block_out_channels:
             raise UsageError(f"--resume: {args.out} was not trained with --model {args.model}: drop --model")
-    if args.preset != "digits_even" and args.preset != config.preset:
+    if args.preset is not None and args.preset != config.preset:
         raise UsageError(f"--resume: {args.out} is a {config.preset} run, not {args.preset}: drop --preset")
     return config
 
@@ -164,15 +164,12 @@ def _prepare_out(args: argparse.Namespace) -> None:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from pudm.training import Trainer, split_from_config
+    from pudm.training import Trainer, check_method_fits_data, split_from_config
 
     _prepare_out(args)
     config = _resume_config(args) if args.resume else resolve_config(args)
     split = split_from_config(config)
-    if config.train.method == "oracle" and split.unlabeled_is_sensitive is None:
-        raise UsageError(
-            "method oracle needs the hidden labels of U, which this data lacks: pick another method"
-        )
+    check_method_fits_data(config.train.method, split)
     if args.resume and (args.out / "summary.json").is_file():
         print(f"{args.out} is complete ({config.train.steps} steps); nothing to resume")
         return 0

@@ -50,7 +50,7 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
         raise runs.RunError(f"{run_dir} exists and is not a pudm run: choose another --out")
     split = split_from_config(config)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume = bool(runs.list_checkpoints(run_dir))
+    resume = stored_path.is_file()
     if not resume:
         runs.atomic_write_json(stored_path, config.to_dict())
     Trainer(config, split, run_dir, show_progress=show_progress).train(resume=resume)

@@ -64,19 +64,24 @@ def split_from_config(config: RunConfig) -> PUSplit:
     )
 
 
+def check_method_fits_data(method: str, split: PUSplit) -> None:
+    """``oracle`` needs the hidden truth of U, which only labeled sources have."""
+    if method == "oracle" and split.unlabeled_is_sensitive is None:
+        raise ValueError(
+            "method oracle needs the hidden labels of U, and this data has none: "
+            "use unsupervised, supervised or pu"
+        )
+
+
 def training_pool(split: PUSplit, method: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The tensor that batches index into, its is-sensitive mask, and the |U|, |S| it holds.
 
     Methods that ignore S (unsupervised, oracle) draw from U alone, so their batches are all
     training signal. ``oracle`` keeps only the hidden-normal part of U.
     """
+    check_method_fits_data(method, split)
     unlabeled = split.unlabeled
     if method == "oracle":
-        if split.unlabeled_is_sensitive is None:
-            raise ValueError(
-                "method 'oracle' needs the hidden labels of U, and this data has none: "
-                "use unsupervised, supervised or pu"
-            )
         unlabeled = unlabeled[~split.unlabeled_is_sensitive]
     if method in ("unsupervised", "oracle"):
         return unlabeled, torch.zeros(len(unlabeled), dtype=torch.bool), len(unlabeled), 0
@@ -180,10 +185,13 @@ class Trainer:
         self.noise_scheduler = build_noise_scheduler(cfg.model)
 
     def _restore(self) -> int:
-        """Load the last checkpoint into the freshly built state; return its step."""
+        """Load the last checkpoint into the freshly built state; return its step (0 if none)."""
         checkpoints = runs.list_checkpoints(self.run_dir)
         if not checkpoints:
-            raise runs.RunError(f"--resume: {self.run_dir} holds no checkpoint yet: run without --resume")
+            # Killed before its first checkpoint: nothing to lose, start the same run from step 0.
+            if self.accelerator.is_main_process:
+                runs.truncate_metrics(self.run_dir / "metrics.jsonl", 0)
+            return 0
         checkpoint = runs.load_checkpoint(checkpoints[-1])
         if checkpoint["config"] != self.config.to_dict():
             raise runs.RunError(
