@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from pudm import runs
 from pudm.config import preset
 from pudm.evaluation import class_histogram, fit_digits_classifier, non_sensitive_rate
 from pudm.models import load_pipeline
@@ -57,8 +56,6 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         run_dir = Path(folder) / "run"
-        run_dir.mkdir()
-        runs.atomic_write_json(run_dir / "config.json", config.to_dict())
         Trainer(config, split_from_config(config), run_dir, show_progress=False).train()
         pipeline = load_pipeline(run_dir / "pipeline")
         images = generate(

@@ -160,6 +160,7 @@ BAD_TRAIN = [
     (["--num-sensitive", "0"], "--num-sensitive must be > 0"),
     (["--num-sensitive", "5000"], "sensitive items"),
     (["--sensitive-per-batch", "16"], "--sensitive-per-batch"),
+    (["--image-size", "10"], "divisible by 4"),
 ]
 
 

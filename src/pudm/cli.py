@@ -128,10 +128,9 @@ def _given_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _resume_config(args: argparse.Namespace) -> RunConfig:
-    config_path = args.out / "config.json"
-    if not config_path.is_file():
+    if not runs.holds_run(args.out):
         raise UsageError(f"--resume: {args.out} holds no run (no config.json): run without --resume")
-    config = RunConfig.from_dict(runs.read_json(config_path))
+    config = RunConfig.from_dict(runs.read_json(args.out / runs.CONFIG))
     for flag, value in _given_overrides(args).items():
         section, field = TRAIN_OVERRIDES[flag]
         stored = getattr(getattr(config, section), field)
@@ -153,9 +152,8 @@ def _prepare_out(args: argparse.Namespace) -> None:
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: choose a folder path")
-    holds_run = (out / "config.json").is_file()
     if out.is_dir() and any(out.iterdir()) and not args.resume:
-        if not holds_run:
+        if not runs.holds_run(out):
             raise UsageError(f"--out {out} exists and is not a pudm run: choose an empty or new folder")
         if not args.overwrite:
             raise UsageError(
@@ -170,7 +168,7 @@ def command_train(args: argparse.Namespace) -> int:
     config = _resume_config(args) if args.resume else resolve_config(args)
     split = split_from_config(config)
     check_method_fits_data(config.train.method, split)
-    if args.resume and (args.out / "summary.json").is_file():
+    if args.resume and runs.is_complete(args.out):
         print(f"{args.out} is complete ({config.train.steps} steps); nothing to resume")
         return 0
     try:
@@ -185,8 +183,6 @@ def command_train(args: argparse.Namespace) -> int:
     if args.overwrite:
         for child in args.out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-    if not args.resume:
-        runs.atomic_write_json(args.out / "config.json", config.to_dict())
     summary = split.summary()
     print(
         f"pudm train: {config.preset}, method {config.train.method}, beta {config.train.beta}, "
@@ -204,7 +200,7 @@ def _pipeline_dir(path: Path) -> Path:
         return path
     if (path / "pipeline" / "model_index.json").is_file():
         return path / "pipeline"
-    if (path / "config.json").is_file():
+    if runs.holds_run(path):
         raise UsageError(
             f"{path} has no pipeline/ yet (the run did not finish): finish it with "
             f"pudm train --resume --out {path}"
@@ -227,9 +223,8 @@ def command_sample(args: argparse.Namespace) -> int:
             raise UsageError(f"--out {out}: folder {out.parent} does not exist: create it first")
     pipeline_dir = _pipeline_dir(args.run)
     defaults = RunConfig().sample
-    run_config = args.run / "config.json"
-    if pipeline_dir != args.run and run_config.is_file():
-        defaults = RunConfig.from_dict(runs.read_json(run_config)).sample
+    if pipeline_dir != args.run and runs.holds_run(args.run):
+        defaults = RunConfig.from_dict(runs.read_json(args.run / runs.CONFIG)).sample
     sampler = args.sampler or defaults.sampler
     steps = args.steps or (
         defaults.steps if sampler == defaults.sampler else 1000 if sampler == "ddpm" else 50

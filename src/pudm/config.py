@@ -165,9 +165,20 @@ class RunConfig:
             )
         if sample.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sample.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_image_size(self.model, data.image_size)
         k = data.sensitive_per_batch
         if k is not None and not 0 < k < train.batch_size:
             raise ValueError(f"--sensitive-per-batch must be in [1, batch size {train.batch_size}), got {k}")
+
+
+def check_image_size(model: ModelConfig, image_size: int) -> None:
+    """The UNet halves the image once per level but the last: the size must survive that."""
+    levels = len(model.block_out_channels)
+    if image_size % (2 ** (levels - 1)):
+        raise ValueError(
+            f"image size {image_size} cannot be halved {levels - 1} times by a {levels}-level UNet: "
+            f"use an image size divisible by {2 ** (levels - 1)}"
+        )
 
 
 def _digits(normal_classes: tuple[int, ...], preset: str) -> RunConfig:

@@ -36,24 +36,18 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
     """Train ``config`` into ``run_dir``: reuse a finished run with the same config, resume an
     interrupted one, start afresh otherwise (an existing run of another config is an error)."""
     run_dir = Path(run_dir)
-    stored_path = run_dir / "config.json"
-    if stored_path.is_file():
-        stored = runs.read_json(stored_path)
-        if stored != config.to_dict():
+    resume = runs.holds_run(run_dir)
+    if resume:
+        if runs.read_json(run_dir / runs.CONFIG) != config.to_dict():
             raise runs.RunError(
                 f"{run_dir} holds a run with other settings: remove it or choose another --out"
             )
-        if (run_dir / "summary.json").is_file():
+        if runs.is_complete(run_dir):
             print(f"reusing finished run {run_dir}", file=sys.stderr)
             return
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise runs.RunError(f"{run_dir} exists and is not a pudm run: choose another --out")
-    split = split_from_config(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = stored_path.is_file()
-    if not resume:
-        runs.atomic_write_json(stored_path, config.to_dict())
-    Trainer(config, split, run_dir, show_progress=show_progress).train(resume=resume)
+    Trainer(config, split_from_config(config), run_dir, show_progress=show_progress).train(resume=resume)
 
 
 def run_demo(
@@ -79,10 +73,10 @@ def run_demo(
             show_progress=show_progress,
         )
         predicted = classifier.predict(images)
-        normal = config.data.normal_classes
+        rate = non_sensitive_rate(predicted, config.data.normal_classes)
         results[method] = {
-            "non_sensitive_rate": non_sensitive_rate(predicted, normal),
-            "sensitive_rate": 1.0 - non_sensitive_rate(predicted, normal),
+            "non_sensitive_rate": rate,
+            "sensitive_rate": 1.0 - rate,
             "class_histogram": class_histogram(predicted),
             "run": str(run_dir),
             "samples_png": str(run_dir / "samples.png"),

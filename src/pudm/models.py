@@ -14,7 +14,7 @@ from diffusers import (
     UNet2DModel,
 )
 
-from pudm.config import ModelConfig
+from pudm.config import ModelConfig, check_image_size
 
 MODEL_PRESETS = {
     # ~1.1 M parameters: trains on 8x8 digits in minutes on 2 CPU cores.
@@ -38,12 +38,7 @@ def model_preset(name: str) -> ModelConfig:
 
 def build_unet(config: ModelConfig, image_size: int, channels: int) -> UNet2DModel:
     """A randomly initialised UNet2DModel for square ``image_size`` images with ``channels``."""
-    levels = len(config.block_out_channels)
-    if image_size % (2 ** (levels - 1)):
-        raise ValueError(
-            f"image size {image_size} cannot be halved {levels - 1} times by a {levels}-level UNet: "
-            f"use an image size divisible by {2 ** (levels - 1)}"
-        )
+    check_image_size(config, image_size)
     return UNet2DModel(
         sample_size=image_size,
         in_channels=channels,

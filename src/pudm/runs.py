@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
+CONFIG = "config.json"
+SUMMARY = "summary.json"
 _STEP_PREFIX = "step_"
 
 
@@ -95,6 +97,16 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
 def read_json(path: Path) -> Any:
     with open(path) as handle:
         return json.load(handle)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a pudm run (its config.json is written before the first step)."""
+    return (Path(run_dir) / CONFIG).is_file()
+
+
+def is_complete(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` finished (summary.json is written last)."""
+    return (Path(run_dir) / SUMMARY).is_file()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

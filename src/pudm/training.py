@@ -210,6 +210,9 @@ class Trainer:
     def train(self, resume: bool = False) -> TrainResult:
         cfg, accelerator = self.config, self.accelerator
         self._build()
+        if not resume and accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            runs.atomic_write_json(self.run_dir / runs.CONFIG, cfg.to_dict())
         start_step = self._restore() if resume else 0
         self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
         device = accelerator.device
@@ -343,7 +346,7 @@ class Trainer:
         )
         save_grid(images, self.run_dir / "samples.png")
         runs.atomic_write_json(
-            self.run_dir / "summary.json",
+            self.run_dir / runs.SUMMARY,
             {"steps": cfg.train.steps, "final_metrics": self.last_metrics, "data": self.split.summary()},
         )
 
