@@ -15,11 +15,34 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from pudm.config import preset
-from pudm.evaluation import class_histogram, fit_digits_classifier, non_sensitive_rate
+from pudm.evaluation import class_histogram, non_sensitive_rate
 from pudm.models import load_pipeline
 from pudm.sampling import generate
 from pudm.training import Trainer, split_from_config
+
+
+def fit_digits_svm():
+    """The exploration's judge (README): an RBF SVM on all 1,797 digits, 5-fold accuracy 0.972.
+
+    ``pudm evaluate`` / ``pudm benchmark`` use the CNN of ``pudm classifier train`` instead; this
+    script keeps the SVM so the exploration figures in the README can be repeated as they were made.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    digits = load_digits()
+    return SVC(gamma=0.001, C=10.0, random_state=0).fit(digits.data, digits.target)
+
+
+def svm_features(images):
+    grey = torch.from_numpy(images).float().mean(-1)[:, None] / 255.0
+    if grey.shape[-1] != 8:
+        grey = F.interpolate(grey, size=(8, 8), mode="area")
+    return (grey[:, 0] * 16.0).reshape(len(grey), 64).numpy()
 
 
 def apply_override(config, assignment: str) -> None:
@@ -62,13 +85,13 @@ def main() -> None:
             pipeline.unet, pipeline.scheduler.config, num=args.num, seed=args.sample_seed, show_progress=False
         )
         last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    predicted = fit_digits_classifier().predict(images)
+    predicted = fit_digits_svm().predict(svm_features(images))
     print(
         json.dumps(
             {
                 "overrides": args.overrides,
                 "non_sensitive_rate": non_sensitive_rate(predicted, config.data.normal_classes),
-                "class_histogram": class_histogram(predicted),
+                "class_histogram": class_histogram(predicted, 10),
                 "bracket": last["bracket"],
                 "mean_unlabeled_loss": last["mean_unlabeled_loss"],
                 "mean_sensitive_loss": last["mean_sensitive_loss"],

@@ -233,7 +233,7 @@ def test_sample_from_unfinished_run(tmp_path, capsys):
 def test_console_entry_point_help_and_errors(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pudm", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for command in ("train", "sample", "demo"):
+    for command in ("train", "sample", "classifier", "evaluate", "benchmark", "demo"):
         assert command in result.stdout
     result = subprocess.run(
         [sys.executable, "-m", "pudm", "train", "--beta", "2", "--out", str(tmp_path / "r")],
@@ -242,22 +242,6 @@ def test_console_entry_point_help_and_errors(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["pudm train: error: --beta must be in [0, 1), got 2.0"]
-
-
-def test_demo_runs_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "4", "--num", "16", "--quiet"]) == 0
-    summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["results"]) == {"unsupervised", "pu"}
-    for values in summary["results"].values():
-        assert 0.0 <= values["non_sensitive_rate"] <= 1.0
-        assert sum(values["class_histogram"]) == 16
-    assert (out / "comparison.png").stat().st_size > 0
-    assert "non-sensitive rate" in capsys.readouterr().out
-    # Re-running reuses the finished runs instead of training again.
-    before = tree_digest(out / "pu")
-    assert main(["demo", "--out", str(out), "--steps", "4", "--num", "16", "--quiet"]) == 0
-    assert tree_digest(out / "pu") == before
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -1,4 +1,4 @@
-"""The ``pudm`` command line: train, sample, demo.
+"""The ``pudm`` command line: train, sample, classifier train, evaluate, benchmark, demo.
 
 The CLI parses arguments, overrides fields of a preset, and calls the library. User errors come
 out as one line on stderr with exit code 2, never as a traceback.
@@ -45,6 +45,8 @@ TRAIN_OVERRIDES = {
     "sampler": ("sample", "sampler"),
     "sample_steps": ("sample", "steps"),
     "grid_size": ("sample", "grid_size"),
+    "filter_folds": ("train", "filter_folds"),
+    "filter_epochs": ("train", "filter_epochs"),
 }
 
 
@@ -70,6 +72,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument(
         "--correction", help=f"PU correction: {' or '.join(CORRECTIONS)} (default abs, as the paper)"
     )
+    method.add_argument(
+        "--filter-folds", type=int, help="filter: cross-fitting folds of the S-vs-U classifier (default 5)"
+    )
+    method.add_argument("--filter-epochs", type=int, help="filter: epochs per fold (default 20)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--model", choices=sorted(MODEL_PRESETS), help="UNet preset (default small)")
@@ -246,15 +252,130 @@ def command_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_demo(args: argparse.Namespace) -> int:
-    from pudm.demo import run_demo
+def _csv(kind: type, flag: str):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated values, got {text!r}") from None
+        return values
 
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError(f"--steps must be > 0, got {args.steps}")
+    return parse
+
+
+def command_classifier_train(args: argparse.Namespace) -> int:
+    from pudm.classifier import ARCHITECTURES, FitConfig, train_for_config
+
+    if args.arch not in ARCHITECTURES:
+        raise UsageError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if args.epochs <= 0:
+        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file: choose a folder path")
+    if args.out.is_dir() and any(args.out.iterdir()):
+        if not (args.out / "config.json").is_file():
+            raise UsageError(f"--out {args.out} exists and is not a classifier folder: choose a new folder")
+        if not args.overwrite:
+            raise UsageError(f"--out {args.out} already holds a classifier: pass --overwrite to replace it")
+    config = preset(args.preset)
+    if args.image_size is not None:
+        config.data.image_size = args.image_size
+    config.validate()
+    classifier = train_for_config(
+        config, arch=args.arch, fit_config=FitConfig(epochs=args.epochs, seed=args.seed), weights=args.weights
+    )
+    classifier.save(args.out)
+    info = classifier.info
+    print(
+        f"classifier {info.arch} for {info.preset}: held-out accuracy {info.heldout_accuracy:.3f} "
+        f"(normal vs sensitive {info.heldout_normal_accuracy:.3f}) on {info.num_heldout} images; "
+        f"saved to {args.out}"
+    )
+    return 0
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
     if args.num <= 0:
         raise UsageError(f"--num must be > 0, got {args.num}")
-    run_demo(args.out, steps=args.steps, num_samples=args.num, seed=args.seed, show_progress=not args.quiet)
+    if getattr(args, "sample_steps", None) is not None and args.sample_steps <= 0:
+        raise UsageError(f"--sample-steps must be > 0, got {args.sample_steps}")
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    from pudm.classifier import Classifier
+    from pudm.evaluation import FID_CLASSIFIER, evaluate_run
+
+    _check_sampling_flags(args)
+    if not args.run.is_dir():
+        raise UsageError(f"{args.run} does not exist: give a run folder")
+    classifier = Classifier.load(args.classifier)
+    result = evaluate_run(
+        args.run,
+        classifier,
+        num=args.num,
+        sampler=args.sampler,
+        steps=args.sample_steps,
+        seed=args.seed,
+        with_inception=args.inception,
+        inception_weights=args.inception_weights,
+        show_progress=not args.quiet,
+    )
+    low, high = result["non_sensitive_rate_95ci"]
+    print(
+        f"{args.run}: non-sensitive rate {result['non_sensitive_rate']:.3f} (95% CI {low:.3f}-{high:.3f}), "
+        f"{FID_CLASSIFIER} {result['fid_classifier']:.2f}"
+        + (f", Inception FID {result['fid_inception']:.2f}" if "fid_inception" in result else "")
+        + f"; {result['num_samples']} samples ({result['sampler']}, {result['sampling_steps']} steps)"
+    )
+    print(f"per-class counts: {result['class_histogram']}; details in {args.run / 'eval.json'}")
     return 0
+
+
+def command_benchmark(args: argparse.Namespace) -> int:
+    from pudm.benchmark import FULL, QUICK, TABLE, run_benchmark
+
+    defaults = QUICK if args.quick else FULL
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    _check_sampling_flags(args)
+    if args.steps is not None and args.steps <= 0:
+        raise UsageError(f"--steps must be > 0, got {args.steps}")
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    run_benchmark(
+        args.preset,
+        args.methods,
+        args.seeds,
+        args.out,
+        betas=args.betas,
+        steps=args.steps,
+        num=args.num,
+        classifier_path=args.classifier,
+        sampler=args.sampler,
+        sample_steps=args.sample_steps,
+        show_progress=not args.quiet,
+    )
+    print()
+    print((args.out / TABLE).read_text(), end="")
+    print(f"results: {args.out / 'results.json'}; plots: grids.png, rate_vs_fid.png, training_curves.png")
+    return 0
+
+
+def _add_benchmark_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    parser.add_argument("--preset", default="digits_even", help="named settings (default digits_even)")
+    parser.add_argument("--methods", type=_csv(str, "--methods"), help="comma-separated methods")
+    parser.add_argument("--seeds", type=_csv(int, "--seeds"), help="comma-separated training seeds")
+    parser.add_argument(
+        "--betas", type=_csv(float, "--betas"), help="beta sweep for pu/filter, e.g. 0.05,0.1,0.2,0.3"
+    )
+    parser.add_argument("--steps", type=int, help="training steps per cell (default: the preset's)")
+    parser.add_argument("--num", type=int, help="samples per cell to evaluate")
+    parser.add_argument("--classifier", type=Path, help="evaluation classifier folder (default: train one)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="sampler for evaluation (default: the preset's)")
+    parser.add_argument("--sample-steps", type=int, help="sampling steps for evaluation")
+    parser.add_argument("--out", type=Path, default=out, help=f"benchmark folder (default {out})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
-        help="train a diffusion model (unsupervised, supervised, pu or oracle)",
+        help="train a diffusion model (unsupervised, supervised, pu, filter or oracle)",
         description="Train a diffusion model into a run folder: config.json, metrics.jsonl, "
         "checkpoints/, samples.png and the final diffusers pipeline in pipeline/.",
     )
@@ -295,21 +416,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.set_defaults(handler=command_sample)
 
+    classifier = sub.add_parser("classifier", help="the evaluation classifier").add_subparsers(
+        dest="classifier_command", required=True, metavar="ACTION"
+    )
+    classifier_train = classifier.add_parser(
+        "train",
+        help="train the evaluation classifier of a preset's data",
+        description="Fit a classifier of the fine classes (normal vs sensitive follows) on the real "
+        "labeled data of a preset, hold out a stratified 20%% to report accuracy, save it "
+        "(model.safetensors + config.json).",
+    )
+    classifier_train.add_argument(
+        "--preset", default="digits_even", help="named settings (default digits_even)"
+    )
+    classifier_train.add_argument("--arch", default="cnn", help="cnn (small images), resnet18 or resnet34")
+    classifier_train.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    classifier_train.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    classifier_train.add_argument(
+        "--image-size", type=int, help="the runs' image size (default: the preset's)"
+    )
+    classifier_train.add_argument(
+        "--weights", type=Path, help="ResNet: start from these ImageNet weights (a local state dict file)"
+    )
+    classifier_train.add_argument("--out", type=Path, required=True, help="classifier folder to write")
+    classifier_train.add_argument("--overwrite", action="store_true", help="replace the classifier in --out")
+    classifier_train.set_defaults(handler=command_classifier_train)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="non-sensitive rate, FID and class histogram of a trained run -> RUN/eval.json",
+        description="Sample from RUN/pipeline and judge the samples with an evaluation classifier: "
+        "non-sensitive rate with a 95%% interval, FID (classifier features) against the normal test "
+        "split, optionally Inception FID, and the per-class histogram.",
+    )
+    evaluate.add_argument("run", type=Path, help="run folder")
+    evaluate.add_argument("--classifier", type=Path, required=True, help="folder from pudm classifier train")
+    evaluate.add_argument("--num", type=int, default=1000, help="samples to draw (default 1000)")
+    evaluate.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
+    evaluate.add_argument("--sample-steps", type=int, help="default: the run's (1000 for ddpm, 20 for dpm)")
+    evaluate.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    evaluate.add_argument(
+        "--inception", action="store_true", help="also Inception FID (needs torch-fidelity)"
+    )
+    evaluate.add_argument("--inception-weights", type=Path, help="local Inception-v3 weights file (offline)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
+    evaluate.set_defaults(handler=command_evaluate)
+
+    benchmark = sub.add_parser(
+        "benchmark",
+        help="methods x seeds: train, sample, evaluate; table and plots",
+        description="Train every method with every seed (and every beta of --betas for pu and "
+        "filter), evaluate each run, write results.json, table.md and plots. Finished cells are "
+        "reused: re-run the same command to resume. --quick: unsupervised, pu and filter, one seed, "
+        "2000 steps, 500 samples.",
+    )
+    _add_benchmark_arguments(benchmark, Path("runs/benchmark"))
+    benchmark.add_argument("--quick", action="store_true", help="the quick mode of the demo")
+    benchmark.set_defaults(handler=command_benchmark, quick=False)
+
     demo = sub.add_parser(
         "demo",
-        help="the digits PU demo: unsupervised vs pu, side by side",
-        description="Train the unsupervised baseline and the PU model on digits_even (even digits "
-        "normal, odd sensitive), sample both and report how often each generates odd digits, "
-        "judged by an independent classifier. Offline, CPU, a few minutes.",
+        help="the digits benchmark in quick mode (unsupervised, pu, filter), offline on CPU",
+        description="pudm benchmark --quick into runs/demo: even digits normal, odd sensitive; the "
+        "unsupervised baseline, PU and the filter baseline trained on the same contaminated data, "
+        "judged by an independent classifier. Offline, CPU, minutes.",
     )
-    demo.add_argument(
-        "--out", type=Path, default=Path("runs/demo"), help="folder for both runs (default runs/demo)"
-    )
-    demo.add_argument("--steps", type=int, help="training steps per model (default: the preset's)")
-    demo.add_argument("--num", type=int, default=500, help="samples per model to classify (default 500)")
-    demo.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(handler=command_demo)
+    _add_benchmark_arguments(demo, Path("runs/demo"))
+    demo.set_defaults(handler=command_benchmark, quick=True)
     return parser
 
 

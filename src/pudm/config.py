@@ -14,7 +14,7 @@ from typing import Any
 from pudm.data import SOURCES
 from pudm.objectives import CORRECTIONS
 
-TRAIN_METHODS = ("unsupervised", "supervised", "pu", "oracle")
+TRAIN_METHODS = ("unsupervised", "supervised", "pu", "filter", "oracle")
 SAMPLERS = ("ddpm", "ddim", "dpm")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -78,6 +78,9 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # filter baseline: folds and epochs of its cross-fitted S-vs-U classifier
+    filter_folds: int = 5
+    filter_epochs: int = 20
 
 
 @dataclass
@@ -144,10 +147,13 @@ class RunConfig:
             "--num-sensitive": data.num_sensitive,
             "--sample-steps": sample.steps,
             "--grid-size": sample.grid_size,
+            "--filter-epochs": train.filter_epochs,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if train.filter_folds < 2:
+            raise ValueError(f"--filter-folds must be >= 2, got {train.filter_folds}")
         if train.learning_rate <= 0:
             raise ValueError(f"--lr must be > 0, got {train.learning_rate}")
         if train.warmup_steps < 0:

@@ -75,5 +75,11 @@ def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: Path) -> No
 
 def load_pipeline(path: Path, device: torch.device | str = "cpu") -> DDPMPipeline:
     """Load a pipeline folder written by :func:`save_pipeline` (or any local DDPM pipeline)."""
-    pipeline = DDPMPipeline.from_pretrained(path, use_safetensors=True)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bar on every load
+    try:
+        pipeline = DDPMPipeline.from_pretrained(path, use_safetensors=True)
+    finally:
+        diffusers_logging.enable_progress_bar()
     return pipeline.to(device)

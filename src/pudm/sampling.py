@@ -79,3 +79,9 @@ def save_png(array: np.ndarray, path: Path, scale: int = 4) -> None:
 def save_grid(images: np.ndarray, path: Path, columns: int | None = None, scale: int = 4) -> None:
     """Save uint8 images (N, H, W, C) as one PNG grid."""
     save_png(make_grid(images, columns), path, scale)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C), as :func:`generate` returns."""
+    scaled = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -27,6 +27,8 @@ from pudm.models import build_noise_scheduler, build_unet, save_pipeline
 from pudm.objectives import objective
 from pudm.sampling import generate, save_grid
 
+FILTER = "filter.json"
+
 
 def per_sample_denoising_loss(
     unet: torch.nn.Module,
@@ -73,23 +75,72 @@ def check_method_fits_data(method: str, split: PUSplit) -> None:
         )
 
 
-def training_pool(split: PUSplit, method: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def training_pool(
+    split: PUSplit, method: str, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The tensor that batches index into, its is-sensitive mask, and the |U|, |S| it holds.
 
-    Methods that ignore S (unsupervised, oracle) draw from U alone, so their batches are all
-    training signal. ``oracle`` keeps only the hidden-normal part of U.
+    Methods that ignore S (unsupervised, oracle, filter) draw from U alone, so their batches are all
+    training signal. ``oracle`` keeps only the hidden-normal part of U, ``filter`` the part its
+    S-vs-U classifier kept (``keep``).
     """
     check_method_fits_data(method, split)
     unlabeled = split.unlabeled
     if method == "oracle":
         unlabeled = unlabeled[~split.unlabeled_is_sensitive]
-    if method in ("unsupervised", "oracle"):
+    if method == "filter":
+        if keep is None:
+            raise ValueError("method filter needs the keep mask of its S-vs-U classifier")
+        unlabeled = unlabeled[keep]
+    if method in ("unsupervised", "oracle", "filter"):
         return unlabeled, torch.zeros(len(unlabeled), dtype=torch.bool), len(unlabeled), 0
     pool = torch.cat([unlabeled, split.sensitive])
     is_sensitive = torch.cat(
         [torch.zeros(len(unlabeled), dtype=torch.bool), torch.ones(len(split.sensitive), dtype=torch.bool)]
     )
     return pool, is_sensitive, len(unlabeled), len(split.sensitive)
+
+
+def filter_keep(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = True) -> torch.Tensor:
+    """The ``filter`` method's keep mask over U: read from ``RUN/filter.json`` when a resumed run
+    has it (so a resume trains on exactly the same items), computed and written otherwise."""
+    from pudm.classifier import FitConfig
+    from pudm.filtering import filter_report, keep_mask, sensitive_scores
+
+    path = Path(run_dir) / FILTER
+    if path.is_file():
+        stored = runs.read_json(path)
+        kept = torch.tensor(stored.get("kept_indices", []), dtype=torch.long)
+        if stored.get("num_unlabeled") != len(split.unlabeled) or not (
+            len(kept) and 0 <= int(kept.min()) and int(kept.max()) < len(split.unlabeled)
+        ):
+            raise runs.RunError(
+                f"{path} does not belong to this run's data: delete it to recompute the filter"
+            )
+        keep = torch.zeros(len(split.unlabeled), dtype=torch.bool)
+        keep[kept] = True
+        return keep
+    train = config.train
+    scores = sensitive_scores(
+        split.unlabeled,
+        split.sensitive,
+        folds=train.filter_folds,
+        fit_config=FitConfig(epochs=train.filter_epochs, seed=train.seed),
+    )
+    keep = keep_mask(scores, train.beta)
+    if write:
+        report = filter_report(keep, split.unlabeled_is_sensitive)
+        runs.atomic_write_json(
+            path,
+            {
+                **report,
+                "beta": train.beta,
+                "folds": train.filter_folds,
+                "kept_indices": torch.nonzero(keep).flatten().tolist(),
+                "scores": scores.tolist(),
+            },
+        )
+    return keep
 
 
 @torch.no_grad()
@@ -214,6 +265,10 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             runs.atomic_write_json(self.run_dir / runs.CONFIG, cfg.to_dict())
         start_step = self._restore() if resume else 0
+        self.keep = None
+        if cfg.train.method == "filter":
+            # Every process computes the same seeded mask; only the main process writes it.
+            self.keep = filter_keep(cfg, self.split, self.run_dir, write=accelerator.is_main_process)
         self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
         device = accelerator.device
         self.ema.to(device)
@@ -242,7 +297,9 @@ class Trainer:
         accelerator, train = self.accelerator, self.config.train
         device = accelerator.device
         unet, noise_scheduler = self.unet, self.noise_scheduler
-        pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(self.split, train.method)
+        pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(
+            self.split, train.method, self.keep
+        )
         pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
         batches = PUBatches(
             num_unlabeled,
@@ -251,7 +308,7 @@ class Trainer:
             seed=train.seed * 1000 + accelerator.process_index,
             sensitive_per_batch=self.config.data.sensitive_per_batch if num_sensitive else None,
         )
-        objective_method = "unsupervised" if train.method == "oracle" else train.method
+        objective_method = "unsupervised" if train.method in ("oracle", "filter") else train.method
         tick_values: list[torch.Tensor] = []
         tick_start, tick_steps = time.perf_counter(), 0
         for step in range(start_step, train.steps):

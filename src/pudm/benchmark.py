@@ -1,0 +1,265 @@
+"""Methods x seeds (x betas) benchmark: train, sample, evaluate every cell; tables and plots.
+
+Layout of a benchmark folder::
+
+    OUT/classifier/              the evaluation classifier (trained once, or the one passed in)
+    OUT/runs/<method>[-beta<b>]-seed<s>/   one run folder per cell, with its eval.json
+    OUT/results.json             every cell's metrics and the per-method mean and std
+    OUT/table.md                 the Markdown table (mean +- std over seeds)
+    OUT/grids.png, OUT/rate_vs_fid.png, OUT/training_curves.png
+
+A cell whose run finished and whose eval.json was made with the same evaluation settings is
+reused, an interrupted run is resumed: re-running the same command picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pudm import runs
+from pudm.classifier import Classifier, train_for_config
+from pudm.config import TRAIN_METHODS, RunConfig, preset
+from pudm.evaluation import EVAL, FID_CLASSIFIER, check_classifier, default_steps, evaluate_run
+
+BETA_METHODS = ("pu", "filter")  # the methods that use beta
+RESULTS = "results.json"
+TABLE = "table.md"
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    seed: int
+    beta: float | None = None  # None: the preset's beta (or a method that ignores beta)
+
+    @property
+    def name(self) -> str:
+        beta = f"-beta{self.beta:g}" if self.beta is not None else ""
+        return f"{self.method}{beta}-seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} (beta {self.beta:g})" if self.beta is not None else self.method
+
+
+def plan_cells(methods: Sequence[str], seeds: Sequence[int], betas: Sequence[float] | None) -> list[Cell]:
+    for method in methods:
+        if method not in TRAIN_METHODS:
+            raise ValueError(
+                f"unknown method {method!r} in --methods; choose from {', '.join(TRAIN_METHODS)}"
+            )
+    if not methods or not seeds:
+        raise ValueError("--methods and --seeds need at least one value each")
+    if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
+        raise ValueError("--methods and --seeds must not repeat a value")
+    for beta in betas or ():
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"--betas: beta must be in [0, 1), got {beta}")
+    cells = []
+    for method in methods:
+        for beta in betas if betas and method in BETA_METHODS else [None]:
+            cells.extend(Cell(method, seed, beta) for seed in seeds)
+    return cells
+
+
+def cell_config(preset_name: str, cell: Cell, steps: int | None) -> RunConfig:
+    config = preset(preset_name)
+    config.train.method = cell.method
+    config.train.seed = cell.seed
+    if cell.beta is not None:
+        config.train.beta = cell.beta
+    if steps is not None:
+        config.train.steps = steps
+    config.validate()
+    return config
+
+
+def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True) -> None:
+    """Train ``config`` into ``run_dir``: reuse a finished run with the same config, resume an
+    interrupted one, start afresh otherwise (an existing run of another config is an error)."""
+    from pudm.training import Trainer, check_method_fits_data, split_from_config
+
+    run_dir = Path(run_dir)
+    resume = runs.holds_run(run_dir)
+    if resume:
+        if runs.read_json(run_dir / runs.CONFIG) != config.to_dict():
+            raise runs.RunError(
+                f"{run_dir} holds a run with other settings: remove it or choose another --out"
+            )
+        if runs.is_complete(run_dir):
+            return
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise runs.RunError(f"{run_dir} exists and is not a pudm run: choose another --out")
+    split = split_from_config(config)
+    check_method_fits_data(config.train.method, split)
+    Trainer(config, split, run_dir, show_progress=show_progress).train(resume=resume)
+
+
+def _reusable_eval(run_dir: Path, settings: dict) -> dict | None:
+    path = run_dir / EVAL
+    if not path.is_file():
+        return None
+    stored = runs.read_json(path)
+    same = all(stored.get(key) == value for key, value in settings.items() if key != "fingerprint")
+    same = same and stored.get("classifier", {}).get("fingerprint") == settings["fingerprint"]
+    return stored if same else None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(cells: list[Cell], evals: dict[str, dict]) -> list[dict]:
+    """One row per method (and beta): mean and std over seeds of each metric."""
+    rows: dict[str, dict] = {}
+    for cell in cells:
+        row = rows.setdefault(
+            cell.label, {"method": cell.method, "beta": cell.beta, "seeds": [], "cells": []}
+        )
+        row["seeds"].append(cell.seed)
+        row["cells"].append(cell.name)
+    for row in rows.values():
+        values = [evals[name] for name in row["cells"]]
+        for key in ("non_sensitive_rate", "fid_classifier"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([v[key] for v in values])
+        row["non_sensitive_rate_per_seed"] = [v["non_sensitive_rate"] for v in values]
+        row["fid_classifier_per_seed"] = [v["fid_classifier"] for v in values]
+    return list(rows.values())
+
+
+def markdown_table(rows: list[dict], num: int, sampler: str, steps: int) -> str:
+    lines = [
+        f"| method | seeds | non-sensitive rate | {FID_CLASSIFIER} |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        label = row["method"] if row["beta"] is None else f"{row['method']} (beta {row['beta']:g})"
+        lines.append(
+            f"| {label} | {len(row['seeds'])} | {row['non_sensitive_rate_mean']:.3f} +- "
+            f"{row['non_sensitive_rate_std']:.3f} | {row['fid_classifier_mean']:.2f} +- "
+            f"{row['fid_classifier_std']:.2f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"{num} samples per cell ({sampler}, {steps} steps); mean +- std over seeds; "
+        "non-sensitive rate: 1 = never sensitive; FID: lower is better."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(
+    preset_name: str,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    betas: Sequence[float] | None = None,
+    steps: int | None = None,
+    num: int = 1000,
+    classifier_path: Path | None = None,
+    sampler: str | None = None,
+    sample_steps: int | None = None,
+    show_progress: bool = True,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict:
+    out = Path(out)
+    if num <= 0:
+        raise ValueError(f"--num must be > 0, got {num}")
+    cells = plan_cells(methods, seeds, betas)
+    configs = {cell.name: cell_config(preset_name, cell, steps) for cell in cells}
+    first = configs[cells[0].name]
+    sampler = sampler or first.sample.sampler
+    sample_steps = sample_steps or (
+        first.sample.steps if sampler == first.sample.sampler else default_steps(sampler)
+    )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: choose a folder")
+    if classifier_path is not None:
+        classifier = Classifier.load(classifier_path)
+        check_classifier(classifier, first)  # before anything is written
+    elif (out / "classifier" / "config.json").is_file():
+        classifier = Classifier.load(out / "classifier")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        log(f"training the evaluation classifier -> {out / 'classifier'}")
+        classifier = train_for_config(first)
+        classifier.save(out / "classifier")
+    out.mkdir(parents=True, exist_ok=True)
+    check_classifier(classifier, first)
+    log(
+        f"evaluation classifier: {classifier.info.arch}, held-out accuracy "
+        f"{classifier.info.heldout_accuracy:.3f} ({classifier.info.num_heldout} images)"
+    )
+
+    settings = {
+        "num_samples": num,
+        "sampler": sampler,
+        "sampling_steps": sample_steps,
+        "sampling_seed": 0,
+        "fingerprint": classifier.fingerprint(),
+    }
+    evals: dict[str, dict] = {}
+    for index, cell in enumerate(cells, 1):
+        run_dir = out / "runs" / cell.name
+        log(f"[{index}/{len(cells)}] {cell.name}")
+        ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
+        stored = _reusable_eval(run_dir, settings)
+        evals[cell.name] = stored or evaluate_run(
+            run_dir,
+            classifier,
+            num=num,
+            sampler=sampler,
+            steps=sample_steps,
+            seed=0,
+            show_progress=show_progress,
+        )
+        filter_file = run_dir / "filter.json"
+        if filter_file.is_file():
+            report = runs.read_json(filter_file)
+            evals[cell.name]["filter"] = {
+                k: v for k, v in report.items() if k not in ("kept_indices", "scores")
+            }
+        log(
+            f"    non-sensitive rate {evals[cell.name]['non_sensitive_rate']:.3f}, "
+            f"{FID_CLASSIFIER} {evals[cell.name]['fid_classifier']:.2f}"
+        )
+
+    rows = summarise(cells, evals)
+    table = markdown_table(rows, num, sampler, sample_steps)
+    results = {
+        "preset": preset_name,
+        "methods": list(methods),
+        "seeds": list(seeds),
+        "betas": list(betas) if betas else None,
+        "training_steps": first.train.steps,
+        **{k: v for k, v in settings.items() if k != "fingerprint"},
+        "classifier": {
+            "path": str(classifier.path),
+            "arch": classifier.info.arch,
+            "heldout_accuracy": classifier.info.heldout_accuracy,
+            "fingerprint": settings["fingerprint"],
+        },
+        "summary": rows,
+        "cells": {
+            cell.name: {"method": cell.method, "seed": cell.seed, "beta": cell.beta, **evals[cell.name]}
+            for cell in cells
+        },
+    }
+    runs.atomic_write_json(out / RESULTS, results)
+    runs.atomic_write_bytes(out / TABLE, table.encode())
+    from pudm.plots import plot_benchmark
+
+    plot_benchmark(out, cells, evals)
+    return results
+
+
+# Defaults of `pudm benchmark` and of its quick mode (`pudm demo`).
+FULL = {
+    "methods": ["unsupervised", "supervised", "pu", "filter", "oracle"],
+    "seeds": [0, 1, 2],
+    "num": 1000,
+}
+QUICK = {"methods": ["unsupervised", "pu", "filter"], "seeds": [0], "steps": 2000, "num": 500}

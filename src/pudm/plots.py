@@ -1,0 +1,90 @@
+"""Benchmark figures (matplotlib, no display): sample grids, rate vs FID, training curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pudm.evaluation import EVAL_GRID, FID_CLASSIFIER
+
+
+def _save(figure, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    figure.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_benchmark(out: Path, cells: list, evals: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    labels = list(dict.fromkeys(cell.label for cell in cells))
+    colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    first_of = {}
+    for cell in cells:
+        first_of.setdefault(cell.label, cell)
+
+    # Sample grids of the first seed of every method, side by side.
+    figure, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.6), squeeze=False)
+    for axis, label in zip(axes[0], labels, strict=True):
+        cell = first_of[label]
+        grid = out / "runs" / cell.name / EVAL_GRID
+        if grid.is_file():
+            axis.imshow(np.asarray(Image.open(grid)), cmap="gray")
+        axis.set_title(f"{label}\nrate {evals[cell.name]['non_sensitive_rate']:.3f}", fontsize=9)
+        axis.axis("off")
+    figure.suptitle(f"samples (seed {cells[0].seed})", fontsize=10)
+    _save(figure, out / "grids.png")
+    plt.close(figure)
+
+    # Non-sensitive rate against FID, one point per cell.
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for label in labels:
+        points = [evals[c.name] for c in cells if c.label == label]
+        axis.scatter(
+            [p["fid_classifier"] for p in points],
+            [p["non_sensitive_rate"] for p in points],
+            color=colours[label],
+            label=label,
+        )
+    axis.set_xlabel(f"{FID_CLASSIFIER} (lower is better)")
+    axis.set_ylabel("non-sensitive rate (higher is better)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    _save(figure, out / "rate_vs_fid.png")
+    plt.close(figure)
+
+    # Training curves: the mean denoising error on U, and the PU bracket where there is one.
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label in labels:
+        rows = _metrics(out / "runs" / first_of[label].name)
+        if not rows:
+            continue
+        steps = [row["step"] for row in rows]
+        left.plot(steps, [row["mean_unlabeled_loss"] for row in rows], color=colours[label], label=label)
+        if first_of[label].method == "pu":
+            right.plot(steps, [row["bracket"] for row in rows], color=colours[label], label=label)
+    left.set_title("mean denoising error on the training data", fontsize=9)
+    left.set_yscale("log")
+    right.set_title("PU bracket: mean_U l - beta mean_S l", fontsize=9)
+    right.axhline(0.0, color="grey", lw=0.8)
+    for axis in (left, right):
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
+    _save(figure, out / "training_curves.png")
+    plt.close(figure)

@@ -1,0 +1,323 @@
+"""Evaluation classifier, metrics, the filter baseline and the benchmark, through the real CLI."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pudm.classifier import Classifier, FitConfig, train_for_config
+from pudm.cli import main
+from pudm.config import RunConfig, preset
+from pudm.evaluation import classifier_fid, inception_fid, wilson_interval
+from pudm.filtering import filter_report, keep_mask, sensitive_scores
+from pudm.runs import RunError
+from pudm.sampling import to_uint8
+from pudm.training import filter_keep, split_from_config
+
+TINY = ["--steps", "4", "--batch-size", "16", "--checkpoint-every", "2", "--log-every", "2", "--quiet"]
+TINY += ["--sample-steps", "3", "--grid-size", "4", "--filter-folds", "2", "--filter-epochs", "1"]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clf") / "digits_even"
+    assert main(["classifier", "train", "--preset", "digits_even", "--epochs", "8", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "pu"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(1000, 1000)
+    assert high == 1.0 and 0.99 < low < 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
+
+
+def test_classifier_learns_digits_and_round_trips(classifier_dir):
+    classifier = Classifier.load(classifier_dir)
+    info = classifier.info
+    assert info.preset == "digits_even" and info.normal_classes == (0, 2, 4, 6, 8)
+    assert info.heldout_accuracy > 0.9, "8 epochs of the small CNN separate the digits"
+    split = split_from_config(preset("digits_even"))
+    test = to_uint8(split.test)
+    predicted = classifier.predict(test)
+    assert classifier.is_normal(predicted).mean() > 0.9, "the test split holds normal (even) digits only"
+    config = json.loads((classifier_dir / "config.json").read_text())
+    assert config["kind"] == "pudm-classifier" and config["num_heldout"] + config["num_train"] == 1797
+
+
+def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(classifier_dir):
+    classifier = Classifier.load(classifier_dir)
+    real = to_uint8(split_from_config(preset("digits_even")).test)
+    same = classifier_fid(classifier, real, real)
+    assert abs(same) < 1e-3
+    generator = np.random.default_rng(0)
+    noisy = np.clip(real.astype(int) + generator.integers(-40, 41, real.shape), 0, 255).astype(np.uint8)
+    blank = np.zeros_like(real)
+    blank[:, 2:6, 2:6] = generator.integers(0, 255, (len(real), 4, 4, 1))
+    assert 0 < classifier_fid(classifier, real, noisy) < classifier_fid(classifier, real, blank)
+
+
+def test_inception_fid_without_torch_fidelity_names_the_fix():
+    pytest.importorskip("torchmetrics")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        images = np.zeros((4, 8, 8, 1), np.uint8)
+        with pytest.raises(ValueError, match="torch-fidelity"):
+            inception_fid(images, images)
+    else:
+        pytest.skip("torch-fidelity is installed here; the offline message is tested without it")
+
+
+def test_keep_mask_drops_exactly_the_beta_share_with_the_highest_scores():
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.8, 0.2, 0.0, 0.7, 0.4, 0.5, 0.6])
+    keep = keep_mask(scores, 0.3)
+    assert keep.tolist() == [True, False, True, False, True, True, False, True, True, True]
+    assert keep_mask(scores, 0.0).all()
+    report = filter_report(keep, torch.tensor([False, True, False, False] + [False] * 6))
+    assert report["num_dropped"] == 3 and report["dropped_truly_sensitive"] == 1
+    assert report["recall"] == 1.0 and report["precision"] == pytest.approx(1 / 3)
+
+
+def test_sensitive_scores_find_the_hidden_sensitive_items():
+    generator = torch.Generator().manual_seed(0)
+    normal = -1 + 0.2 * torch.rand(60, 1, 8, 8, generator=generator)
+    sensitive_like = 0.8 + 0.2 * torch.rand(40, 1, 8, 8, generator=generator)
+    unlabeled = torch.cat([normal, sensitive_like[:6]])  # 6 hidden sensitive items at the end
+    scores = sensitive_scores(unlabeled, sensitive_like[6:], folds=3, fit_config=FitConfig(epochs=15))
+    dropped = ~keep_mask(scores, 6 / 66)
+    assert dropped[-6:].all() and not dropped[:-6].any()
+    with pytest.raises(ValueError, match="S is empty"):
+        sensitive_scores(unlabeled, sensitive_like[:0])
+
+
+def test_filter_method_trains_without_the_dropped_items(tmp_path):
+    out = tmp_path / "filter"
+    assert main(["train", "--out", str(out), "--method", "filter", *TINY]) == 0
+    report = json.loads((out / "filter.json").read_text())
+    assert report["num_dropped"] == round(0.1 * 825) and report["num_kept"] == 825 - report["num_dropped"]
+    assert len(report["kept_indices"]) == report["num_kept"]
+    assert 0 <= report["dropped_truly_sensitive"] <= 75
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["sensitive_per_batch"] == 0, "filter trains on the kept part of U alone"
+    # A resumed run reads the stored mask instead of recomputing it; a foreign mask is refused.
+    config = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
+    split = split_from_config(config)
+    keep = filter_keep(config, split, out, write=False)
+    assert int(keep.sum()) == report["num_kept"] and keep[report["kept_indices"]].all()
+    (out / "filter.json").write_text(json.dumps({**report, "kept_indices": [10**6]}))
+    with pytest.raises(RunError, match="delete it to recompute"):
+        filter_keep(config, split, out, write=False)
+
+
+def test_evaluate_writes_eval_json(run_dir, classifier_dir, capsys):
+    args = ["evaluate", str(run_dir), "--classifier", str(classifier_dir), "--num", "24", "--quiet"]
+    assert main([*args, "--sample-steps", "3"]) == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    low, high = result["non_sensitive_rate_95ci"]
+    assert low <= result["non_sensitive_rate"] <= high
+    assert sum(result["class_histogram"]) == 24 and len(result["class_histogram"]) == 10
+    assert result["fid_classifier_name"] == "FID (classifier features)" and result["fid_classifier"] > 0
+    assert result["sampler"] == "ddim" and result["sampling_steps"] == 3 and result["num_samples"] == 24
+    assert result["classifier"]["fingerprint"] == Classifier.load(classifier_dir).fingerprint()
+    assert (run_dir / "eval_samples.png").is_file()
+    assert "non-sensitive rate" in capsys.readouterr().out
+    # Same settings, same numbers.
+    assert main([*args, "--sample-steps", "3"]) == 0
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert again["non_sensitive_rate"] == result["non_sensitive_rate"]
+    assert again["fid_classifier"] == pytest.approx(result["fid_classifier"])
+
+
+def test_evaluate_bad_input(tmp_path, run_dir, classifier_dir, capsys):
+    odd = tmp_path / "odd"
+    Classifier(*_odd_classifier()).save(odd)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((run_dir / "config.json").read_text())
+    cases = [
+        ([str(run_dir), "--classifier", str(classifier_dir), "--num", "0"], "--num must be > 0"),
+        (
+            [str(run_dir), "--classifier", str(odd)],
+            "train one with pudm classifier train --preset digits_even",
+        ),
+        ([str(unfinished), "--classifier", str(classifier_dir)], "has no pipeline/"),
+        ([str(tmp_path / "missing"), "--classifier", str(classifier_dir)], "does not exist"),
+        ([str(run_dir), "--classifier", str(tmp_path)], "not a pudm classifier folder"),
+    ]
+    before = digest(run_dir)
+    for args, message in cases:
+        assert main(["evaluate", *args, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert digest(run_dir) == before, "a refused evaluation writes nothing"
+    # The benchmark refuses the wrong classifier before it writes anything.
+    assert main(["benchmark", "--classifier", str(odd), "--out", str(tmp_path / "bench"), "--quiet"]) == 2
+    assert "trained for digits_odd" in capsys.readouterr().err and not (tmp_path / "bench").exists()
+    # A trained classifier is not replaced without --overwrite.
+    classifier_before = digest(classifier_dir)
+    assert main(["classifier", "train", "--out", str(classifier_dir), "--epochs", "1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and digest(classifier_dir) == classifier_before
+
+
+def _odd_classifier():
+    config = preset("digits_odd")
+    classifier = train_for_config(config, fit_config=FitConfig(epochs=1))
+    return classifier.model, classifier.info
+
+
+def test_corrupt_classifier_is_refused(tmp_path, classifier_dir, run_dir, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((classifier_dir / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["evaluate", str(run_dir), "--classifier", str(broken), "--quiet"]) == 2
+    assert "could not be loaded" in capsys.readouterr().err
+
+
+def test_benchmark_writes_tables_and_plots_and_resumes(tmp_path, classifier_dir, capsys):
+    out = tmp_path / "bench"
+    args = [
+        "benchmark",
+        "--methods",
+        "unsupervised,pu,filter",
+        "--seeds",
+        "0,1",
+        "--steps",
+        "2",
+        "--num",
+        "12",
+    ]
+    args += ["--classifier", str(classifier_dir), "--out", str(out), "--sample-steps", "2", "--quiet"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["cells"]) == sorted(
+        f"{method}-seed{seed}" for method in ("unsupervised", "pu", "filter") for seed in (0, 1)
+    )
+    rows = {row["method"]: row for row in results["summary"]}
+    for row in rows.values():
+        values = row["non_sensitive_rate_per_seed"]
+        assert row["non_sensitive_rate_mean"] == pytest.approx(np.mean(values))
+        assert row["non_sensitive_rate_std"] == pytest.approx(np.std(values, ddof=1))
+    assert "dropped_truly_sensitive" in results["cells"]["filter-seed0"]["filter"]
+    table = (out / "table.md").read_text()
+    assert table.count("\n| ") == 3 and "| pu | 2 |" in table
+    for plot in ("grids.png", "rate_vs_fid.png", "training_curves.png"):
+        assert (out / plot).stat().st_size > 1000
+    assert "| filter | 2 |" in capsys.readouterr().out
+
+    # Re-running reuses every finished cell; a cell cut short (no summary, no eval) is redone alone.
+    before = digest(out / "runs")
+    assert main(args) == 0
+    assert digest(out / "runs") == before
+    (out / "runs" / "pu-seed1" / "summary.json").unlink()
+    (out / "runs" / "pu-seed1" / "eval.json").unlink()
+    assert main(args) == 0
+    after = digest(out / "runs")
+    assert {k: v for k, v in after.items() if not k.startswith("pu-seed1")} == {
+        k: v for k, v in before.items() if not k.startswith("pu-seed1")
+    }
+    assert (out / "runs" / "pu-seed1" / "eval.json").is_file()
+
+
+def test_benchmark_beta_sweep_and_bad_input(tmp_path, classifier_dir, capsys):
+    out = tmp_path / "sweep"
+    args = [
+        "benchmark",
+        "--methods",
+        "unsupervised,pu",
+        "--seeds",
+        "0",
+        "--betas",
+        "0.05,0.3",
+        "--steps",
+        "2",
+    ]
+    args += [
+        "--num",
+        "8",
+        "--classifier",
+        str(classifier_dir),
+        "--out",
+        str(out),
+        "--sample-steps",
+        "2",
+        "--quiet",
+    ]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["cells"]) == ["pu-beta0.05-seed0", "pu-beta0.3-seed0", "unsupervised-seed0"]
+    assert results["cells"]["pu-beta0.3-seed0"]["beta"] == 0.3
+    capsys.readouterr()
+    cases = [
+        (["--methods", "pu,magic"], "unknown method 'magic'"),
+        (["--betas", "0.1,1.5"], "beta must be in [0, 1)"),
+        (["--num", "0"], "--num must be > 0"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+    ]
+    for extra, message in cases:
+        assert main(["benchmark", "--out", str(tmp_path / "bad"), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "bad").exists()
+
+
+def test_demo_is_the_quick_benchmark(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert (
+        main(["demo", "--out", str(out), "--steps", "2", "--num", "8", "--sample-steps", "2", "--quiet"]) == 0
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["unsupervised", "pu", "filter"] and results["seeds"] == [0]
+    assert (out / "classifier" / "model.safetensors").is_file()
+    assert "non-sensitive rate" in capsys.readouterr().out
+
+
+def test_resnet_classifier_trains_saves_and_starts_from_weights(tmp_path):
+    import torchvision
+
+    from pudm.classifier import ClassifierInfo, build_classifier, fit, load_backbone_weights
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, 32, 32, generator=generator) * 2 - 1
+    labels = torch.tensor([0, 1] * 4)
+    model = build_classifier("resnet18", channels=3, num_classes=2, image_size=32)
+    assert model.features(images[:2]).shape == (2, 512)
+    # ImageNet-style weights from a local file: every backbone tensor of matching shape is copied.
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    load_backbone_weights(model, tmp_path / "resnet18.pth")
+    assert torch.equal(model.net.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable state dict"):
+        load_backbone_weights(model, tmp_path / "junk.pth")
+    fit(model, images, labels, FitConfig(epochs=1, batch_size=4))
+    info = ClassifierInfo("resnet18", 2, 3, 32, 512, "folder", (0,), "custom", 0.5, 0.5, 8, 0, 1, 0)
+    Classifier(model, info).save(tmp_path / "clf")
+    loaded = Classifier.load(tmp_path / "clf")
+    uint8 = to_uint8(images)
+    assert (loaded.predict(uint8) == Classifier(model, info).predict(uint8)).all()
+    with pytest.raises(ValueError, match="do not fit a classifier"):
+        loaded.predict(uint8[:, :16, :16])
