@@ -262,4 +262,4 @@ FULL = {
     "seeds": [0, 1, 2],
     "num": 1000,
 }
-QUICK = {"methods": ["unsupervised", "pu", "filter"], "seeds": [0], "steps": 2000, "num": 500}
+QUICK = {"methods": ["unsupervised", "pu", "filter"], "seeds": [0], "steps": 1500, "num": 500}

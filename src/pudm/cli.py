@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every method with every seed (and every beta of --betas for pu and "
         "filter), evaluate each run, write results.json, table.md and plots. Finished cells are "
         "reused: re-run the same command to resume. --quick: unsupervised, pu and filter, one seed, "
-        "2000 steps, 500 samples.",
+        "1500 steps, 500 samples.",
     )
     _add_benchmark_arguments(benchmark, Path("runs/benchmark"))
     benchmark.add_argument("--quick", action="store_true", help="the quick mode of the demo")
