@@ -1,6 +1,5 @@
 """The real command line, end to end: train a few steps, resume, sample, load with diffusers."""
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import tree_digest
 from pudm.cli import main
 
 TINY = ["--steps", "6", "--batch-size", "16", "--checkpoint-every", "3", "--log-every", "2", "--quiet"]
@@ -21,14 +21,6 @@ TINY += ["--sample-steps", "4", "--grid-size", "8"]
 
 def train(out: Path, *extra: str) -> int:
     return main(["train", "--out", str(out), *TINY, *extra])
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """Evaluation classifier, metrics, the filter baseline and the benchmark, through the real CLI."""
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tree_digest
 from pudm.classifier import Classifier, FitConfig, train_for_config
 from pudm.cli import main
 from pudm.config import RunConfig, preset
@@ -19,14 +19,6 @@ from pudm.training import filter_keep, split_from_config
 
 TINY = ["--steps", "4", "--batch-size", "16", "--checkpoint-every", "2", "--log-every", "2", "--quiet"]
 TINY += ["--sample-steps", "3", "--grid-size", "4", "--filter-folds", "2", "--filter-epochs", "1"]
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -167,19 +159,19 @@ def test_evaluate_bad_input(tmp_path, run_dir, classifier_dir, capsys):
         ([str(tmp_path / "missing"), "--classifier", str(classifier_dir)], "does not exist"),
         ([str(run_dir), "--classifier", str(tmp_path)], "not a pudm classifier folder"),
     ]
-    before = digest(run_dir)
+    before = tree_digest(run_dir)
     for args, message in cases:
         assert main(["evaluate", *args, "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
-    assert digest(run_dir) == before, "a refused evaluation writes nothing"
+    assert tree_digest(run_dir) == before, "a refused evaluation writes nothing"
     # The benchmark refuses the wrong classifier before it writes anything.
     assert main(["benchmark", "--classifier", str(odd), "--out", str(tmp_path / "bench"), "--quiet"]) == 2
     assert "trained for digits_odd" in capsys.readouterr().err and not (tmp_path / "bench").exists()
     # A trained classifier is not replaced without --overwrite.
-    classifier_before = digest(classifier_dir)
+    classifier_before = tree_digest(classifier_dir)
     assert main(["classifier", "train", "--out", str(classifier_dir), "--epochs", "1"]) == 2
-    assert "--overwrite" in capsys.readouterr().err and digest(classifier_dir) == classifier_before
+    assert "--overwrite" in capsys.readouterr().err and tree_digest(classifier_dir) == classifier_before
 
 
 def _odd_classifier():
@@ -229,13 +221,13 @@ def test_benchmark_writes_tables_and_plots_and_resumes(tmp_path, classifier_dir,
     assert "| filter | 2 |" in capsys.readouterr().out
 
     # Re-running reuses every finished cell; a cell cut short (no summary, no eval) is redone alone.
-    before = digest(out / "runs")
+    before = tree_digest(out / "runs")
     assert main(args) == 0
-    assert digest(out / "runs") == before
+    assert tree_digest(out / "runs") == before
     (out / "runs" / "pu-seed1" / "summary.json").unlink()
     (out / "runs" / "pu-seed1" / "eval.json").unlink()
     assert main(args) == 0
-    after = digest(out / "runs")
+    after = tree_digest(out / "runs")
     assert {k: v for k, v in after.items() if not k.startswith("pu-seed1")} == {
         k: v for k, v in before.items() if not k.startswith("pu-seed1")
     }
