@@ -110,6 +110,21 @@ def test_nn_correction_and_fixed_sensitive_per_batch(tmp_path):
     assert all(line["sensitive_per_batch"] == 5 for line in lines)
 
 
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_mixed_precision_run_trains_and_records_its_precision(tmp_path, finished_run, precision):
+    out = tmp_path / precision
+    assert train(out, "--method", "pu", "--mixed-precision", precision) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["mixed_precision"] == precision
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(line["loss"]) for line in lines)
+    # Same seed and data as the float32 run: the same loss up to bf16 rounding, but not bit-equal.
+    reference = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["loss"] == pytest.approx(reference[0]["loss"], rel=0.05)
+    assert lines[0]["loss"] != reference[0]["loss"], "autocast was not applied"
+    # The process-wide accelerate state follows each run's precision: float32 again afterwards.
+    assert train(tmp_path / "fp32", "--method", "pu") == 0
+
+
 def test_overwrite_replaces_a_run(tmp_path, finished_run):
     out = tmp_path / "run"
     assert train(out, "--seed", "1") == 0

@@ -132,7 +132,7 @@ def test_evaluate_writes_eval_json(run_dir, classifier_dir, capsys):
     assert low <= result["non_sensitive_rate"] <= high
     assert sum(result["class_histogram"]) == 24 and len(result["class_histogram"]) == 10
     assert result["fid_classifier_name"] == "FID (classifier features)" and result["fid_classifier"] > 0
-    assert result["sampler"] == "ddim" and result["sampling_steps"] == 3 and result["num_samples"] == 24
+    assert result["sampler"] == "dpm-sde" and result["sampling_steps"] == 3 and result["num_samples"] == 24
     assert result["classifier"]["fingerprint"] == Classifier.load(classifier_dir).fingerprint()
     assert (run_dir / "eval_samples.png").is_file()
     assert "non-sensitive rate" in capsys.readouterr().out

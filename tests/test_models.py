@@ -49,3 +49,16 @@ def test_per_sample_loss_is_a_sum_over_dimensions(prediction_type):
         target = abar.sqrt() * noise - (1 - abar).sqrt() * clean
     assert loss.shape == (3,)
     assert torch.allclose(loss, target.pow(2).sum((1, 2, 3)), rtol=1e-5)
+
+
+def test_loss_is_float32_under_bf16_autocast():
+    unet = build_unet(model_preset("small"), image_size=8, channels=1)
+    scheduler = build_noise_scheduler(ModelConfig())
+    clean, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    timesteps = torch.tensor([1, 10, 100, 999])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unet(clean, timesteps).sample.dtype == torch.bfloat16, "autocast reaches the UNet"
+        loss = per_sample_denoising_loss(unet, scheduler, clean, noise, timesteps)
+    assert loss.dtype == torch.float32
+    reference = per_sample_denoising_loss(unet, scheduler, clean, noise, timesteps)
+    assert torch.allclose(loss, reference, rtol=0.05), "bf16 forward, float32 reduction: close"

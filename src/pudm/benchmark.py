@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pudm import runs
 from pudm.classifier import Classifier, train_for_config
-from pudm.config import TRAIN_METHODS, RunConfig, preset
-from pudm.evaluation import EVAL, FID_CLASSIFIER, check_classifier, default_steps, evaluate_run
+from pudm.config import TRAIN_METHODS, RunConfig, default_steps, preset
+from pudm.evaluation import EVAL, FID_CLASSIFIER, check_classifier, evaluate_run
 
 BETA_METHODS = ("pu", "filter")  # the methods that use beta
 RESULTS = "results.json"
@@ -34,19 +34,26 @@ TABLE = "table.md"
 class Cell:
     method: str
     seed: int
-    beta: float | None = None  # None: the preset's beta (or a method that ignores beta)
+    # None: the preset's beta (or a method that ignores beta); "auto": estimated from U and S
+    beta: float | str | None = None
+
+    @property
+    def _beta_text(self) -> str:
+        return self.beta if isinstance(self.beta, str) else f"{self.beta:g}"
 
     @property
     def name(self) -> str:
-        beta = f"-beta{self.beta:g}" if self.beta is not None else ""
+        beta = f"-beta{self._beta_text}" if self.beta is not None else ""
         return f"{self.method}{beta}-seed{self.seed}"
 
     @property
     def label(self) -> str:
-        return f"{self.method} (beta {self.beta:g})" if self.beta is not None else self.method
+        return f"{self.method} (beta {self._beta_text})" if self.beta is not None else self.method
 
 
-def plan_cells(methods: Sequence[str], seeds: Sequence[int], betas: Sequence[float] | None) -> list[Cell]:
+def plan_cells(
+    methods: Sequence[str], seeds: Sequence[int], betas: Sequence[float | str] | None
+) -> list[Cell]:
     for method in methods:
         if method not in TRAIN_METHODS:
             raise ValueError(
@@ -57,7 +64,9 @@ def plan_cells(methods: Sequence[str], seeds: Sequence[int], betas: Sequence[flo
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
         raise ValueError("--methods and --seeds must not repeat a value")
     for beta in betas or ():
-        if not 0.0 <= beta < 1.0:
+        if beta == "auto":
+            continue
+        if isinstance(beta, str) or not 0.0 <= beta < 1.0:
             raise ValueError(f"--betas: beta must be in [0, 1), got {beta}")
     cells = []
     for method in methods:
@@ -70,7 +79,7 @@ def cell_config(preset_name: str, cell: Cell, steps: int | None) -> RunConfig:
     config = preset(preset_name)
     config.train.method = cell.method
     config.train.seed = cell.seed
-    if cell.beta is not None:
+    if cell.beta is not None and cell.beta != "auto":
         config.train.beta = cell.beta
     if steps is not None:
         config.train.steps = steps
@@ -86,7 +95,9 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
     run_dir = Path(run_dir)
     resume = runs.holds_run(run_dir)
     if resume:
-        if runs.read_json(run_dir / runs.CONFIG) != config.to_dict():
+        stored = RunConfig.normalize(runs.read_json(run_dir / runs.CONFIG))
+        # The end-of-run grid's sampler ("sample") does not change what was trained.
+        if {**stored, "sample": None} != {**config.to_dict(), "sample": None}:
             raise runs.RunError(
                 f"{run_dir} holds a run with other settings: remove it or choose another --out"
             )
@@ -97,6 +108,22 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
     split = split_from_config(config)
     check_method_fits_data(config.train.method, split)
     Trainer(config, split, run_dir, show_progress=show_progress).train(resume=resume)
+
+
+def _estimate_beta(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> None:
+    """An ``auto`` cell's beta: the estimate its run already holds, or a fresh one."""
+    from pudm.prior import PriorEstimate, apply_estimate, describe, estimate_for_config
+
+    stored = (
+        RunConfig.normalize(runs.read_json(run_dir / runs.CONFIG))["train"]["beta_estimate"]
+        if runs.holds_run(run_dir)
+        else None
+    )
+    estimate = PriorEstimate(**stored) if stored else estimate_for_config(config)
+    apply_estimate(config, estimate)
+    log(f"  beta auto: {describe(estimate)}")
+    for warning in estimate.warnings:
+        log(f"  warning: {warning}")
 
 
 def _reusable_eval(run_dir: Path, settings: dict) -> dict | None:
@@ -118,7 +145,8 @@ def summarise(cells: list[Cell], evals: dict[str, dict]) -> list[dict]:
     rows: dict[str, dict] = {}
     for cell in cells:
         row = rows.setdefault(
-            cell.label, {"method": cell.method, "beta": cell.beta, "seeds": [], "cells": []}
+            cell.label,
+            {"label": cell.label, "method": cell.method, "beta": cell.beta, "seeds": [], "cells": []},
         )
         row["seeds"].append(cell.seed)
         row["cells"].append(cell.name)
@@ -137,7 +165,7 @@ def markdown_table(rows: list[dict], num: int, sampler: str, steps: int) -> str:
         "|---|---|---|---|",
     ]
     for row in rows:
-        label = row["method"] if row["beta"] is None else f"{row['method']} (beta {row['beta']:g})"
+        label = row["label"]
         lines.append(
             f"| {label} | {len(row['seeds'])} | {row['non_sensitive_rate_mean']:.3f} +- "
             f"{row['non_sensitive_rate_std']:.3f} | {row['fid_classifier_mean']:.2f} +- "
@@ -156,7 +184,7 @@ def run_benchmark(
     methods: Sequence[str],
     seeds: Sequence[int],
     out: Path,
-    betas: Sequence[float] | None = None,
+    betas: Sequence[float | str] | None = None,
     steps: int | None = None,
     num: int = 1000,
     classifier_path: Path | None = None,
@@ -205,6 +233,8 @@ def run_benchmark(
     for index, cell in enumerate(cells, 1):
         run_dir = out / "runs" / cell.name
         log(f"[{index}/{len(cells)}] {cell.name}")
+        if cell.beta == "auto":
+            _estimate_beta(configs[cell.name], run_dir, log)
         ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
         stored = _reusable_eval(run_dir, settings)
         evals[cell.name] = stored or evaluate_run(

@@ -7,12 +7,21 @@ out as one line on stderr with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
 from pudm import runs
-from pudm.config import PREDICTION_TYPES, PRESETS, SAMPLERS, TRAIN_METHODS, RunConfig, preset
+from pudm.config import (
+    PREDICTION_TYPES,
+    PRESETS,
+    SAMPLERS,
+    TRAIN_METHODS,
+    RunConfig,
+    default_steps,
+    preset,
+)
 from pudm.models import MODEL_PRESETS, model_preset
 from pudm.objectives import CORRECTIONS
 
@@ -37,6 +46,7 @@ TRAIN_OVERRIDES = {
     "log_every": ("train", "log_every"),
     "checkpoint_every": ("train", "checkpoint_every"),
     "keep_checkpoints": ("train", "keep_checkpoints"),
+    "max_nonfinite_steps": ("train", "max_nonfinite_steps"),
     "num_sensitive": ("data", "num_sensitive"),
     "sensitive_per_batch": ("data", "sensitive_per_batch"),
     "split_seed": ("data", "split_seed"),
@@ -68,7 +78,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     method = parser.add_argument_group("objective")
     method.add_argument("--method", help=f"one of {', '.join(TRAIN_METHODS)} (default: pu)")
-    method.add_argument("--beta", type=float, help="share of sensitive items in U, in [0, 1) (default 0.1)")
+    method.add_argument(
+        "--beta",
+        type=_beta,
+        help="share of sensitive items in U, in [0, 1) (default 0.1), or auto: estimate it from U and S "
+        "(see pudm estimate-prior)",
+    )
     method.add_argument(
         "--correction", help=f"PU correction: {' or '.join(CORRECTIONS)} (default abs, as the paper)"
     )
@@ -100,6 +115,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--log-every", type=int, help="steps per metrics line")
     run.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     run.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep")
+    run.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        help="non-finite losses in a row (each update skipped) before the run stops (default 5)",
+    )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
@@ -108,8 +128,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     grid = parser.add_argument_group("end-of-run sample grid (also the defaults of pudm sample)")
-    grid.add_argument("--sampler", choices=SAMPLERS, help="ddpm, ddim or dpm (DPM-Solver++) (default ddim)")
-    grid.add_argument("--sample-steps", type=int, help="sampling steps (default 50)")
+    grid.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="ddpm, ddim, dpm (DPM-Solver++) or dpm-sde (its SDE variant; default)",
+    )
+    grid.add_argument("--sample-steps", type=int, help="sampling steps (default 10)")
     grid.add_argument("--grid-size", type=int, help="samples in RUN/samples.png (default 64)")
 
 
@@ -122,11 +146,23 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         config.model = model_preset(args.model)
         config.model.prediction_type = prediction_type
     for flag, (section, field) in TRAIN_OVERRIDES.items():
-        value = getattr(args, flag)
-        if value is not None:
+        value = getattr(args, flag, None)
+        if value is not None and not (flag == "beta" and value == AUTO):
             setattr(getattr(config, section), field, value)
     config.validate()
     return config
+
+
+AUTO = "auto"
+
+
+def _beta(text: str) -> float | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--beta takes a number in [0, 1) or auto, got {text!r}") from None
 
 
 def _given_overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -140,6 +176,12 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
     for flag, value in _given_overrides(args).items():
         section, field = TRAIN_OVERRIDES[flag]
         stored = getattr(getattr(config, section), field)
+        if flag == "beta" and value == AUTO:
+            if config.train.beta_estimate is None:
+                raise UsageError(
+                    f"--resume: {args.out} was trained with --beta {stored}, not auto: drop --beta"
+                )
+            continue
         if stored != value:
             raise UsageError(
                 f"--resume: {args.out} was trained with --{flag.replace('_', '-')} {stored}, not {value}: "
@@ -168,35 +210,53 @@ def _prepare_out(args: argparse.Namespace) -> None:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from pudm.training import Trainer, check_method_fits_data, split_from_config
+    from pudm.training import Trainer, check_method_fits_data, process_state, split_from_config
 
     _prepare_out(args)
     config = _resume_config(args) if args.resume else resolve_config(args)
     split = split_from_config(config)
     check_method_fits_data(config.train.method, split)
+    if args.beta == AUTO and not args.resume:
+        if config.train.method not in ("pu", "filter"):
+            raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
+        from pudm.prior import apply_estimate, describe, estimate_for_config
+
+        estimate = estimate_for_config(config, split)
+        apply_estimate(config, estimate)
+        print(f"pudm train: --beta auto: {describe(estimate)}", file=sys.stderr)
+        for warning in estimate.warnings:
+            print(f"pudm train: warning: {warning}", file=sys.stderr)
     if args.resume and runs.is_complete(args.out):
         print(f"{args.out} is complete ({config.train.steps} steps); nothing to resume")
         return 0
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        probe = args.out / f".write-test-{id(args)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(
-            f"--out {args.out} is not writable ({error.strerror}): choose another folder"
-        ) from None
-    if args.overwrite:
-        for child in args.out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    summary = split.summary()
-    print(
-        f"pudm train: {config.preset}, method {config.train.method}, beta {config.train.beta}, "
-        f"U {summary['unlabeled']} (hidden sensitive {summary['unlabeled_sensitive']}), "
-        f"S {summary['sensitive']}, {config.train.steps} steps -> {args.out}",
-        file=sys.stderr,
-    )
+    # Under `accelerate launch` every process runs this command: all of them validate, then the
+    # main process alone touches the folder while the others wait.
+    state = process_state()
+    if state.is_main_process:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            probe = args.out / f".write-test-{id(args)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise UsageError(
+                f"--out {args.out} is not writable ({error.strerror}): choose another folder"
+            ) from None
+        if args.overwrite:
+            for child in args.out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        summary = split.summary()
+        processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
+        print(
+            f"pudm train: {config.preset}, method {config.train.method}, beta {config.train.beta}, "
+            f"U {summary['unlabeled']} (hidden sensitive {summary['unlabeled_sensitive']}), "
+            f"S {summary['sensitive']}, {config.train.steps} steps{processes} -> {args.out}",
+            file=sys.stderr,
+        )
+    state.wait_for_everyone()
     Trainer(config, split, args.out, show_progress=not args.quiet).train(resume=args.resume)
+    if not state.is_main_process:
+        return 0
     print(f"done: pipeline in {args.out / 'pipeline'}, samples in {args.out / 'samples.png'}")
     return 0
 
@@ -232,9 +292,7 @@ def command_sample(args: argparse.Namespace) -> int:
     if pipeline_dir != args.run and runs.holds_run(args.run):
         defaults = RunConfig.from_dict(runs.read_json(args.run / runs.CONFIG)).sample
     sampler = args.sampler or defaults.sampler
-    steps = args.steps or (
-        defaults.steps if sampler == defaults.sampler else 1000 if sampler == "ddpm" else 50
-    )
+    steps = args.steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))
     pipeline = load_pipeline(pipeline_dir)
     images = generate(
         pipeline.unet, pipeline.scheduler.config, num=args.num, sampler=sampler, steps=steps, seed=args.seed
@@ -261,6 +319,47 @@ def _csv(kind: type, flag: str):
         return values
 
     return parse
+
+
+def command_estimate_prior(args: argparse.Namespace) -> int:
+    from pudm.prior import describe, estimate_for_config
+    from pudm.training import split_from_config
+
+    if args.epochs <= 0:
+        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+    config = preset(args.preset)
+    for flag, field in (
+        ("num_sensitive", "num_sensitive"),
+        ("split_seed", "split_seed"),
+        ("image_size", "image_size"),
+    ):
+        if getattr(args, flag) is not None:
+            setattr(config.data, field, getattr(args, flag))
+    config.train.filter_epochs = args.epochs
+    config.validate()
+    split = split_from_config(config)
+    estimate = estimate_for_config(config, split, cross_check=not args.no_cross_check)
+    for warning in estimate.warnings:
+        print(f"pudm estimate-prior: warning: {warning}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "beta": estimate.beta,
+                    "low": estimate.low,
+                    "high": estimate.high,
+                    "method": estimate.method,
+                    "cross_check": estimate.cross_check,
+                    "warnings": estimate.warnings,
+                }
+            )
+        )
+    else:
+        print(f"{describe(estimate)}; U {estimate.num_unlabeled}, S {estimate.num_sensitive}")
+    true_beta = split.summary()["true_beta"]
+    if true_beta is not None and not args.json:
+        print(f"(the hidden truth of this labeled split: {true_beta:.3f})")
+    return 0
 
 
 def command_classifier_train(args: argparse.Namespace) -> int:
@@ -367,7 +466,9 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser, out: Path) -> None
     parser.add_argument("--methods", type=_csv(str, "--methods"), help="comma-separated methods")
     parser.add_argument("--seeds", type=_csv(int, "--seeds"), help="comma-separated training seeds")
     parser.add_argument(
-        "--betas", type=_csv(float, "--betas"), help="beta sweep for pu/filter, e.g. 0.05,0.1,0.2,0.3"
+        "--betas",
+        type=_csv(_beta, "--betas"),
+        help="beta sweep for pu/filter, e.g. 0.05,0.1,0.2,0.3; auto: estimated from U and S",
     )
     parser.add_argument("--steps", type=int, help="training steps per cell (default: the preset's)")
     parser.add_argument("--num", type=int, help="samples per cell to evaluate")
@@ -407,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("run", type=Path, help="run folder or pipeline folder")
     sample.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
     sample.add_argument(
-        "--sampler", choices=SAMPLERS, help="ddpm, ddim or dpm (DPM-Solver++); default from the run"
+        "--sampler", choices=SAMPLERS, help="ddpm, ddim, dpm or dpm-sde; default from the run"
     )
     sample.add_argument("--steps", type=int, help="sampling steps (default: the run's, 1000 for ddpm)")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -415,6 +516,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, action="append", required=True, help="FILE.png and/or FILE.npz; repeatable"
     )
     sample.set_defaults(handler=command_sample)
+
+    estimate = sub.add_parser(
+        "estimate-prior",
+        help="estimate beta, the share of sensitive items in U, from U and S",
+        description="Best Bin Estimation (Garg et al. 2021) on a cross-fitted S-vs-U CNN, with a "
+        "bootstrap 95%% interval and a cross-check by BBE on PCA + logistic regression. Prints the "
+        "estimate; --json prints {beta, low, high, method, cross_check, warnings}.",
+    )
+    estimate.add_argument("--preset", default="digits_even", help="named settings (default digits_even)")
+    estimate.add_argument("--num-sensitive", type=int, help="size of the labeled sensitive set S")
+    estimate.add_argument("--split-seed", type=int, help="seed of the U/S/test split (default 0)")
+    estimate.add_argument("--image-size", type=int, help="resize images to this many pixels a side")
+    estimate.add_argument("--epochs", type=int, default=20, help="classifier epochs per fold (default 20)")
+    estimate.add_argument("--no-cross-check", action="store_true", help="skip the second estimator")
+    estimate.add_argument("--json", action="store_true", help="print one JSON object")
+    estimate.set_defaults(handler=command_estimate_prior)
 
     classifier = sub.add_parser("classifier", help="the evaluation classifier").add_subparsers(
         dest="classifier_command", required=True, metavar="ACTION"
@@ -453,7 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--classifier", type=Path, required=True, help="folder from pudm classifier train")
     evaluate.add_argument("--num", type=int, default=1000, help="samples to draw (default 1000)")
     evaluate.add_argument("--sampler", choices=SAMPLERS, help="default: the run's")
-    evaluate.add_argument("--sample-steps", type=int, help="default: the run's (1000 for ddpm, 20 for dpm)")
+    evaluate.add_argument(
+        "--sample-steps",
+        type=int,
+        help="default: the run's (1000 for ddpm, 50 for ddim, 20 for dpm, 10 for dpm-sde)",
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     evaluate.add_argument(
         "--inception", action="store_true", help="also Inception FID (needs torch-fidelity)"
@@ -498,8 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pudm {args.command}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as error:
-        from pudm.training import TrainingInterrupted
+        from pudm.training import NonFiniteLoss, TrainingInterrupted
 
+        if isinstance(error, NonFiniteLoss):
+            print(f"pudm {args.command}: error: {error}", file=sys.stderr)
+            return 1
         if not isinstance(error, TrainingInterrupted):
             raise
         print(f"pudm {args.command}: {error}", file=sys.stderr)

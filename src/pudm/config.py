@@ -15,7 +15,18 @@ from pudm.data import SOURCES
 from pudm.objectives import CORRECTIONS
 
 TRAIN_METHODS = ("unsupervised", "supervised", "pu", "filter", "oracle")
-SAMPLERS = ("ddpm", "ddim", "dpm")
+SAMPLERS = ("ddpm", "ddim", "dpm", "dpm-sde")
+# Steps per sampler when none are given (benchmarks/README.md, "Samplers", has the measurements).
+DEFAULT_SAMPLING_STEPS = {"ddpm": 1000, "ddim": 50, "dpm": 20, "dpm-sde": 10}
+
+
+def default_steps(sampler: str) -> int:
+    """The default number of sampling steps of ``sampler``."""
+    if sampler not in DEFAULT_SAMPLING_STEPS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return DEFAULT_SAMPLING_STEPS[sampler]
+
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -78,17 +89,23 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
+    # consecutive non-finite losses (each update skipped) before the run stops with a checkpoint
+    max_nonfinite_steps: int = 5
     # filter baseline: folds and epochs of its cross-fitted S-vs-U classifier
     filter_folds: int = 5
     filter_epochs: int = 20
+    # --beta auto: the estimate that set beta (pudm.prior.PriorEstimate.to_dict()); None otherwise
+    beta_estimate: dict | None = None
 
 
 @dataclass
 class SampleConfig:
     """How the end-of-run grid and ``pudm sample`` draw samples by default."""
 
-    sampler: str = "ddim"
-    steps: int = 50
+    # DPM-Solver++ (2M) SDE, 10 steps: the fastest measured sampler within 10% of DDPM 1000 in
+    # FID and non-sensitive rate on the digits models, ~120x faster (benchmarks/README.md).
+    sampler: str = "dpm-sde"
+    steps: int = 10
     grid_size: int = 64
 
 
@@ -103,6 +120,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples become lists), so it compares equal to a stored config.json."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @staticmethod
+    def normalize(values: dict[str, Any]) -> dict[str, Any]:
+        """A stored config.json as this version writes it (fields added since take their default)."""
+        return RunConfig.from_dict(values).to_dict()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -142,6 +164,7 @@ class RunConfig:
             "--checkpoint-every": train.checkpoint_every,
             "--log-every": train.log_every,
             "--keep-checkpoints": train.keep_checkpoints,
+            "--max-nonfinite-steps": train.max_nonfinite_steps,
             "--image-size": data.image_size,
             "--channels": data.channels,
             "--num-sensitive": data.num_sensitive,

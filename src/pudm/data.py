@@ -240,14 +240,23 @@ class PUBatches:
             self._unlabeled = IndexStream(num_unlabeled, seed)
             self._sensitive = IndexStream(num_sensitive, seed + 7919) if sensitive_per_batch else None
 
-    def indices(self, step: int) -> torch.Tensor:
-        """Pool indices of the batch of ``step``: U items are < num_unlabeled, S items after."""
+    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Pool indices of process ``rank``'s share of the batch of ``step``: U items are
+        < num_unlabeled, S items after.
+
+        The global batch of a step is ``world_size * batch_size`` consecutive items of one seeded
+        stream, and process ``rank`` takes the ``rank``-th block: N processes with batch B see
+        exactly the items that one process with batch N*B sees (pooled batches, in the same order).
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        block = step * world_size + rank
         if self.sensitive_per_batch is None:
-            return self._pool.take(step * self.batch_size, self.batch_size)
+            return self._pool.take(block * self.batch_size, self.batch_size)
         num_s = self.sensitive_per_batch
         num_u = self.batch_size - num_s
-        unlabeled = self._unlabeled.take(step * num_u, num_u)
+        unlabeled = self._unlabeled.take(block * num_u, num_u)
         if self._sensitive is None:
             return unlabeled
-        sensitive = self._sensitive.take(step * num_s, num_s) + self.num_unlabeled
+        sensitive = self._sensitive.take(block * num_s, num_s) + self.num_unlabeled
         return torch.cat([unlabeled, sensitive])

@@ -24,7 +24,7 @@ from torch import nn
 
 from pudm import runs
 from pudm.classifier import Classifier
-from pudm.config import RunConfig
+from pudm.config import RunConfig, default_steps
 from pudm.sampling import save_grid, to_uint8
 
 EVAL = "eval.json"
@@ -224,7 +224,3 @@ def evaluate_run(
     }
     runs.atomic_write_json(run_dir / EVAL, result)
     return result
-
-
-def default_steps(sampler: str) -> int:
-    return {"ddpm": 1000, "ddim": 50, "dpm": 20}[sampler]

@@ -51,8 +51,8 @@ class ObjectiveOutput:
         mean_unlabeled_loss: ``mean_U l``.
         mean_sensitive_loss: ``mean_S l``.
         corrected: whether the absPU/nnPU correction fired (the bracket was negative).
-        num_unlabeled: items from U in the batch.
-        num_sensitive: items from S in the batch.
+        num_unlabeled: items from U in the batch (the global batch under data parallelism).
+        num_sensitive: items from S in the batch (the global batch under data parallelism).
     """
 
     loss: torch.Tensor
@@ -96,10 +96,38 @@ def sensitive_score(per_sample_loss: torch.Tensor) -> torch.Tensor:
     return torch.where(small, near_zero, far)
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # Count clamped to >= 1 so that a batch without items of one kind gives 0, not NaN.
-    count = mask.sum().clamp_min(1).to(values.dtype)
-    return torch.where(mask, values, torch.zeros_like(values)).sum() / count
+class CrossProcessSum:
+    """Sums a tensor over the processes of a ``torch.distributed`` group (one all-reduce).
+
+    The objective calls it once per step on a small vector of per-process sums and counts, so that
+    the means, the bracket and its sign are those of the *global* batch.
+    """
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("CrossProcessSum needs an initialised torch.distributed process group")
+        self._dist = dist
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        total = values.detach().clone()
+        self._dist.all_reduce(total, op=self._dist.ReduceOp.SUM, group=self.group)
+        return total
+
+
+def _global_sums(local: torch.Tensor, reduce: CrossProcessSum | None) -> torch.Tensor:
+    """The global value of per-process sums whose gradient flows to this process's items only.
+
+    ``local + (sum_over_processes(local) - local)`` with the bracket detached: forward, the global
+    sum; backward, d/d(local). Differentiating any function of the result therefore gives, on each
+    process, the global objective's derivative with respect to that process's own items.
+    """
+    if reduce is None:
+        return local
+    return local + (reduce(local) - local.detach())
 
 
 def objective(
@@ -108,6 +136,7 @@ def objective(
     is_sensitive: torch.Tensor,
     beta: float = 0.1,
     correction: str = "abs",
+    reduce: CrossProcessSum | None = None,
 ) -> ObjectiveOutput:
     """Reduce a per-sample denoising error to the training objective of ``method``.
 
@@ -121,6 +150,12 @@ def objective(
         beta: share of sensitive items inside U, in [0, 1). Used by ``pu`` only; ``beta=0`` reduces
             ``pu`` to ``unsupervised``.
         correction: ``"abs"`` (absPU, the paper's choice) or ``"nn"`` (nnPU) for ``pu``.
+        reduce: under data-parallel training, a :class:`CrossProcessSum`. The counts and sums of
+            every process are added up (one all-reduce of six numbers) before the means, the
+            bracket and its sign are formed, so every process reports the objective of the global
+            batch, and the backpropagated loss is scaled so that, once the data-parallel wrapper
+            *averages* the gradients, N processes with batch B give exactly the gradient of one
+            process with batch N*B. ``None``: this batch is the whole batch.
 
     Returns:
         ObjectiveOutput with the scalar to backpropagate and the parts worth logging.
@@ -141,9 +176,28 @@ def objective(
     loss = per_sample_loss.float() if per_sample_loss.dtype in half else per_sample_loss
     sensitive = is_sensitive.bool()
     unlabeled = ~sensitive
+    zeros = torch.zeros_like(loss)
+    scores = sensitive_score(loss) if method != "unsupervised" else zeros
 
-    mean_unlabeled = _masked_mean(loss, unlabeled)
-    mean_sensitive = _masked_mean(loss, sensitive)
+    # Everything the objective needs is a sum over the batch: with several processes these are
+    # summed over processes first (counts too), so the objective is the global batch's.
+    sums = _global_sums(
+        torch.stack(
+            [
+                torch.where(unlabeled, loss, zeros).sum(),
+                torch.where(sensitive, loss, zeros).sum(),
+                torch.where(sensitive, scores, zeros).sum(),
+                unlabeled.sum().to(loss.dtype),
+                sensitive.sum().to(loss.dtype),
+                loss.new_tensor(float(loss.numel())),
+            ]
+        ),
+        reduce,
+    )
+    sum_unlabeled, sum_sensitive, sum_scores, count_unlabeled, count_sensitive, count_all = sums.unbind()
+    # Counts clamped to >= 1 so that a batch without items of one kind gives 0, not NaN.
+    mean_unlabeled = sum_unlabeled / count_unlabeled.detach().clamp_min(1)
+    mean_sensitive = sum_sensitive / count_sensitive.detach().clamp_min(1)
     corrected = torch.zeros((), dtype=torch.bool, device=loss.device)
 
     if method == "unsupervised":
@@ -151,15 +205,14 @@ def objective(
         negative = risk = to_backpropagate = mean_unlabeled
     elif method == "supervised":
         # Every unlabeled item is treated as normal; the batch mean weighs each item once.
-        scores = sensitive_score(loss)
-        batch_size = max(loss.numel(), 1)
-        positive = torch.where(sensitive, scores, torch.zeros_like(scores)).sum() / batch_size
-        negative = torch.where(sensitive, torch.zeros_like(loss), loss).sum() / batch_size
+        batch_size = count_all.detach().clamp_min(1)
+        positive = sum_scores / batch_size
+        negative = sum_unlabeled / batch_size
         risk = to_backpropagate = positive + negative
     else:
-        positive = beta * _masked_mean(sensitive_score(loss), sensitive)
+        positive = beta * sum_scores / count_sensitive.detach().clamp_min(1)
         negative = mean_unlabeled - beta * mean_sensitive  # the bracket: (1 - beta) E_N[l]
-        corrected = negative < 0
+        corrected = negative.detach() < 0
         if correction == "abs":
             risk = to_backpropagate = positive + negative.abs()
         else:
@@ -167,6 +220,13 @@ def objective(
             # alone to push it back up (Kiryo et al. 2017, Algorithm 1).
             risk = positive + negative.clamp_min(0)
             to_backpropagate = torch.where(corrected, -negative, positive + negative)
+    if reduce is not None and reduce.world_size > 1:
+        # Same value; gradient times N, undoing the data-parallel average over N processes.
+        to_backpropagate = to_backpropagate + (reduce.world_size - 1) * (
+            to_backpropagate - to_backpropagate.detach()
+        )
+    count_unlabeled_int = count_unlabeled.detach().round().long()
+    count_sensitive_int = count_sensitive.detach().round().long()
     return ObjectiveOutput(
         loss=to_backpropagate,
         risk=risk,
@@ -175,6 +235,6 @@ def objective(
         mean_unlabeled_loss=mean_unlabeled,
         mean_sensitive_loss=mean_sensitive,
         corrected=corrected,
-        num_unlabeled=unlabeled.sum(),
-        num_sensitive=sensitive.sum(),
+        num_unlabeled=count_unlabeled_int,
+        num_sensitive=count_sensitive_int,
     )

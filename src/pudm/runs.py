@@ -94,6 +94,30 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete what a killed writer left behind (``.NAME.tmp-PID`` / ``.NAME.old-PID`` in the run
+    folder and its checkpoints folder); complete files and folders are never touched.
+
+    A kill between the two renames of :func:`atomic_write_dir` leaves ``NAME`` missing and its
+    previous version in ``.NAME.old-PID``: that one is put back instead.
+    """
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS):
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            name = child.name
+            if not name.startswith(".") or not (".tmp-" in name or ".old-" in name):
+                continue
+            original = folder / name[1:].rsplit(".old-", 1)[0]
+            if ".old-" in name and not original.exists():
+                os.replace(child, original)
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            removed.append(child)
+    return removed
+
+
 def read_json(path: Path) -> Any:
     with open(path) as handle:
         return json.load(handle)

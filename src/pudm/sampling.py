@@ -18,8 +18,8 @@ def generate(
     unet: UNet2DModel,
     scheduler_config: dict,
     num: int,
-    sampler: str = "ddim",
-    steps: int = 50,
+    sampler: str = "dpm-sde",
+    steps: int = 10,
     seed: int = 0,
     batch_size: int = 256,
     show_progress: bool = True,
@@ -27,8 +27,9 @@ def generate(
     """Draw ``num`` samples as uint8 images of shape (num, H, W, C).
 
     The pipeline is a plain diffusers DDPMPipeline whose scheduler is swapped for ``sampler``
-    (ddpm, ddim or dpm = DPM-Solver++), sharing the training noise schedule. Batch ``i`` uses the
-    seed ``seed + i``, so the same call always returns the same images.
+    (ddpm, ddim, dpm = DPM-Solver++ or dpm-sde = its SDE variant), sharing the training noise
+    schedule. Batch ``i`` uses the seed ``seed + i`` (the stochastic samplers draw their noise from
+    it too), so the same call always returns the same images.
     """
     if num <= 0:
         raise ValueError(f"--num must be > 0, got {num}")

@@ -8,6 +8,7 @@ Logging, checkpoints and the sample grid happen per tick, outside the step.
 from __future__ import annotations
 
 import copy
+import os
 import signal
 import threading
 import time
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
@@ -24,10 +26,36 @@ from pudm import runs
 from pudm.config import RunConfig
 from pudm.data import PUBatches, PUSplit, build_pu_split, load_source
 from pudm.models import build_noise_scheduler, build_unet, save_pipeline
-from pudm.objectives import objective
+from pudm.objectives import CrossProcessSum, objective
 from pudm.sampling import generate, save_grid
 
 FILTER = "filter.json"
+
+
+def launched_on_cpus() -> bool:
+    """True for a multi-process launch (``accelerate launch``, torchrun) on a machine without GPUs.
+
+    accelerate makes such a launch data-parallel over gloo only when asked for the CPU; otherwise
+    every process would silently train alone on its own copy.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    """accelerate's process state (rank, world size), set up for CPU-only launches too."""
+    return PartialState(cpu=launched_on_cpus())
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """An Accelerator with this run's autocast dtype.
+
+    accelerate keeps one process-wide state and refuses a second precision; a process that trains
+    several runs (a benchmark, a notebook) gets each run's own. The process group is kept.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=launched_on_cpus())
 
 
 def per_sample_denoising_loss(
@@ -186,6 +214,18 @@ class StopRequest:
             signal.signal(signum, handler)
 
 
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed non-finite for too many steps in a row; the last good state was saved."""
+
+    def __init__(self, step: int, count: int, run_dir: Path):
+        super().__init__(
+            f"stopped at step {step}: the loss was not finite for {count} steps in a row (those updates "
+            f"were skipped; the last good weights are in the step {step} checkpoint): lower --lr, or use "
+            f"--mixed-precision no, and start again with --overwrite --out {run_dir}"
+        )
+        self.step = step
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -213,7 +253,7 @@ class Trainer:
         self.config = config
         self.split = split
         self.run_dir = Path(run_dir)
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.train.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(config.train.mixed_precision)
         self.show_progress = show_progress
         self.last_metrics: dict[str, float] = {}
 
@@ -237,6 +277,9 @@ class Trainer:
 
     def _restore(self) -> int:
         """Load the last checkpoint into the freshly built state; return its step (0 if none)."""
+        if self.accelerator.is_main_process:
+            runs.remove_temporaries(self.run_dir)
+        self.accelerator.wait_for_everyone()
         checkpoints = runs.list_checkpoints(self.run_dir)
         if not checkpoints:
             # Killed before its first checkpoint: nothing to lose, start the same run from step 0.
@@ -244,7 +287,7 @@ class Trainer:
                 runs.truncate_metrics(self.run_dir / "metrics.jsonl", 0)
             return 0
         checkpoint = runs.load_checkpoint(checkpoints[-1])
-        if checkpoint["config"] != self.config.to_dict():
+        if RunConfig.normalize(checkpoint["config"]) != self.config.to_dict():
             raise runs.RunError(
                 f"checkpoint {checkpoints[-1]} was written by another configuration: resume with the "
                 "run's own settings, or start again with --overwrite"
@@ -291,6 +334,7 @@ class Trainer:
         if accelerator.is_main_process:
             self._checkpoint(cfg.train.steps)
             self._finish()
+        accelerator.wait_for_everyone()
         return TrainResult(self.run_dir, cfg.train.steps, self.last_metrics)
 
     def _loop(self, start_step: int, progress: tqdm, stop: StopRequest) -> None:
@@ -305,57 +349,110 @@ class Trainer:
             num_unlabeled,
             num_sensitive,
             train.batch_size,
-            seed=train.seed * 1000 + accelerator.process_index,
+            seed=train.seed * 1000,
             sensitive_per_batch=self.config.data.sensitive_per_batch if num_sensitive else None,
         )
         objective_method = "unsupervised" if train.method in ("oracle", "filter") else train.method
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        # Data parallel: the objective's sums and counts are all-reduced, so it is the global batch's.
+        reduce = CrossProcessSum() if world_size > 1 else None
+        mine = slice(rank * train.batch_size, (rank + 1) * train.batch_size)
         tick_values: list[torch.Tensor] = []
-        tick_start, tick_steps = time.perf_counter(), 0
+        tick_start, tick_steps, tick_skipped, nonfinite_run = time.perf_counter(), 0, 0, 0
         for step in range(start_step, train.steps):
-            index = batches.indices(step).to(device)
+            index = batches.indices(step, rank, world_size).to(device)
             clean, is_sensitive = pool[index], pool_is_sensitive[index]
-            # One generator per step: the noise of step k depends only on (seed, k, process), so a
-            # resumed run draws exactly what an uninterrupted one would.
-            generator = torch.Generator(device=device).manual_seed(
-                (train.seed * 1_000_003 + step) * 64 + accelerator.process_index
-            )
-            noise = torch.randn(clean.shape, generator=generator, device=device)
+            # One generator per step: the noise of step k depends only on (seed, k), so a resumed
+            # run draws exactly what an uninterrupted one would. Each process draws the noise and
+            # timesteps of the whole global batch and keeps its block, as with the items: N
+            # processes with batch B train exactly like one process with batch N*B.
+            generator = torch.Generator(device=device).manual_seed((train.seed * 1_000_003 + step) * 64)
+            noise = torch.randn(
+                (world_size * len(clean), *clean.shape[1:]), generator=generator, device=device
+            )[mine]
             timesteps = torch.randint(
                 0,
                 noise_scheduler.config.num_train_timesteps,
-                (len(clean),),
+                (world_size * len(clean),),
                 generator=generator,
                 device=device,
-            )
+            )[mine]
             with accelerator.autocast():
                 per_sample_loss = per_sample_denoising_loss(unet, noise_scheduler, clean, noise, timesteps)
             out = objective(
-                objective_method, per_sample_loss, is_sensitive, beta=train.beta, correction=train.correction
+                objective_method,
+                per_sample_loss,
+                is_sensitive,
+                beta=train.beta,
+                correction=train.correction,
+                reduce=reduce,
             )
             accelerator.backward(out.loss)
             grad_norm = accelerator.clip_grad_norm_(unet.parameters(), train.max_grad_norm)
-            self.optimizer.step()
+            done = step + 1
+            # A non-finite loss (or, without an fp16 grad scaler, which handles its own overflow,
+            # a non-finite gradient) must never reach the weights: skip the update. The check is
+            # one host sync per step. Under data parallelism both values are global already.
+            finite = torch.isfinite(out.loss.detach())
+            if accelerator.scaler is None:
+                finite = finite & torch.isfinite(torch.as_tensor(grad_norm))
+            if bool(finite):
+                self.optimizer.step()
+                update_ema(self.ema, accelerator.unwrap_model(unet), ema_decay_at(step, train.ema_decay))
+                tick_values.append(_tick_row(out, grad_norm))
+                nonfinite_run = 0
+            else:
+                nonfinite_run += 1
+                tick_skipped += 1
+                if nonfinite_run >= train.max_nonfinite_steps:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._log_tick(
+                        done,
+                        tick_values,
+                        tick_steps + 1,
+                        time.perf_counter() - tick_start,
+                        progress,
+                        tick_skipped,
+                    )
+                    self._checkpoint(done)
+                    accelerator.wait_for_everyone()
+                    raise NonFiniteLoss(done, nonfinite_run, self.run_dir)
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            update_ema(self.ema, accelerator.unwrap_model(unet), ema_decay_at(step, train.ema_decay))
 
-            tick_values.append(_tick_row(out, grad_norm))
             tick_steps += 1
-            done = step + 1
             if done % train.log_every == 0 or done == train.steps:
-                self._log_tick(done, tick_values, tick_steps, time.perf_counter() - tick_start, progress)
-                tick_values, tick_start, tick_steps = [], time.perf_counter(), 0
+                elapsed = time.perf_counter() - tick_start
+                self._log_tick(done, tick_values, tick_steps, elapsed, progress, tick_skipped)
+                tick_values, tick_start, tick_steps, tick_skipped = [], time.perf_counter(), 0, 0
             progress.update(1)
-            if stop.requested and done < train.steps:
+            if world_size > 1:
+                # Every process must stop after the same step: agree at log ticks (a host sync
+                # happens there anyway) rather than pay an all-reduce per step.
+                stopping = done % train.log_every == 0 and self._any_process(stop.requested)
+            else:
+                stopping = stop.requested
+            if stopping and done < train.steps:
                 # Between two steps the state is consistent: save it, then leave.
                 self._checkpoint(done)
+                # Nobody leaves before the checkpoint is on disk: a launcher tears the whole group
+                # down as soon as one process exits with an error.
+                accelerator.wait_for_everyone()
                 raise TrainingInterrupted(done, self.run_dir)
             if done % train.checkpoint_every == 0 and done < train.steps:
                 self._checkpoint(done)
 
-    def _log_tick(self, step: int, rows: list[torch.Tensor], steps: int, seconds: float, progress) -> None:
-        # The only host sync of the loop: once per tick.
-        means = dict(zip(TICK_FIELDS, torch.stack(rows).mean(0).tolist(), strict=True))
+    def _any_process(self, flag: bool) -> bool:
+        value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    def _log_tick(
+        self, step: int, rows: list[torch.Tensor], steps: int, seconds: float, progress, skipped: int = 0
+    ) -> None:
+        if rows:
+            means = dict(zip(TICK_FIELDS, torch.stack(rows).mean(0).tolist(), strict=True))
+        else:  # every step of the tick was skipped
+            means = dict.fromkeys(TICK_FIELDS, float("nan"))
         images = steps * self.config.train.batch_size * self.accelerator.num_processes
         self.last_metrics = {
             "step": step,
@@ -363,6 +460,7 @@ class Trainer:
             **means,
             "steps_per_second": steps / seconds,
             "images_per_second": images / seconds,
+            "skipped_nonfinite": skipped,
         }
         if self.accelerator.is_main_process:
             runs.append_jsonl(self.run_dir / "metrics.jsonl", self.last_metrics)
