@@ -98,31 +98,65 @@ class PngFolder(torch.utils.data.Dataset):
         return torch.from_numpy(array)[None] / 127.5 - 1.0
 
 
+class StepHarness:
+    """One model, optimizer and data pool on the device, and the training step with any objective."""
+
+    def __init__(self, args: argparse.Namespace):
+        config = _config("pu", "no", args)
+        split = split_from_config(config)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(0)
+        self.unet = build_unet(config.model, image_size=args.image_size, channels=1).to(self.device)
+        self.scheduler = build_noise_scheduler(config.model)
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4)
+        self.pool = torch.cat([split.unlabeled, split.sensitive])
+        self.is_sensitive = torch.arange(len(self.pool)) >= len(split.unlabeled)
+        self.batch_size = args.batch_size
+
+    def step(self, clean: torch.Tensor, sensitive: torch.Tensor, method: str = "pu") -> None:
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, 1000, (len(clean),), device=self.device)
+        loss = per_sample_denoising_loss(self.unet, self.scheduler, clean, noise, timesteps)
+        objective(method, loss, sensitive).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def batches(self, count: int, seed: int = 0):
+        pool, sensitive = self.pool.to(self.device), self.is_sensitive.to(self.device)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(count):
+            index = torch.randint(0, len(pool), (self.batch_size,), generator=generator).to(self.device)
+            yield pool[index], sensitive[index]
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def objective_blocks(args: argparse.Namespace, methods: list[str]) -> dict[str, list[float]]:
+    """steps/s per objective on the same model and batches, alternating in blocks of ``--block``
+    steps (ABBA order), so that drift of the machine hits every objective alike."""
+    harness = StepHarness(args)
+    for clean, sensitive in harness.batches(10):  # warm-up
+        harness.step(clean, sensitive)
+    speeds: dict[str, list[float]] = {method: [] for method in methods}
+    for block in range(args.blocks):
+        for method in methods if block % 2 == 0 else methods[::-1]:
+            harness.sync()
+            start = time.perf_counter()
+            for clean, sensitive in harness.batches(args.block, seed=block):
+                harness.step(clean, sensitive, method)
+            harness.sync()
+            speeds[method].append(args.block / (time.perf_counter() - start))
+    return speeds
+
+
 def data_path(args: argparse.Namespace) -> list[dict]:
     """steps/s of one pu training step fed by the tensor-on-device path vs a PNG DataLoader."""
-    config = _config("pu", "no", args)
-    split = split_from_config(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    unet = build_unet(config.model, image_size=args.image_size, channels=1).to(device)
-    scheduler = build_noise_scheduler(config.model)
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    pool = torch.cat([split.unlabeled, split.sensitive])
-    is_sensitive = torch.cat(
-        [
-            torch.zeros(len(split.unlabeled), dtype=torch.bool),
-            torch.ones(len(split.sensitive), dtype=torch.bool),
-        ]
-    )
-
-    def step(clean: torch.Tensor, sensitive: torch.Tensor) -> None:
-        noise = torch.randn_like(clean)
-        timesteps = torch.randint(0, 1000, (len(clean),), device=device)
-        out = objective("pu", per_sample_denoising_loss(unet, scheduler, clean, noise, timesteps), sensitive)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    harness = StepHarness(args)
+    device, pool, is_sensitive = harness.device, harness.pool, harness.is_sensitive
+    step = harness.step
 
     def timed(batches) -> float:
         for i, (clean, sensitive) in enumerate(batches):
@@ -134,11 +168,7 @@ def data_path(args: argparse.Namespace) -> list[dict]:
         return (args.steps - 5) / (time.perf_counter() - start)
 
     def on_device():
-        pool_d, sensitive_d = pool.to(device), is_sensitive.to(device)
-        generator = torch.Generator().manual_seed(0)
-        for _ in range(args.steps):
-            index = torch.randint(0, len(pool), (args.batch_size,), generator=generator).to(device)
-            yield pool_d[index], sensitive_d[index]
+        return harness.batches(args.steps)
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -202,6 +232,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is reported")
     parser.add_argument("--data-path", action="store_true", help="also compare the data paths")
     parser.add_argument("--workers", default="0,2", help="DataLoader worker counts for --data-path")
+    parser.add_argument("--blocks", type=int, default=0, help="objective A/B blocks (0: skip)")
+    parser.add_argument("--block", type=int, default=20, help="steps per objective block")
     args = parser.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
     methods, precisions = args.methods.split(","), args.precisions.split(",")
@@ -211,23 +243,43 @@ def main() -> None:
             for method in methods:
                 measured[method, precision].append(measure(method, precision, args))
                 print(json.dumps(measured[method, precision][-1]), flush=True)
-    print()
-    print(f"median of {args.repeats} interleaved runs, batch {args.batch_size}, {args.steps} steps each")
-    print()
-    print("| method | precision | steps/s | images/s | runs (steps/s) | peak GPU memory (GiB) |")
-    print("|---|---|---|---|---|---|")
-    medians = {}
-    for (method, precision), rows in measured.items():
-        speeds = [row["steps_per_second"] for row in rows]
-        medians[method, precision] = median = statistics.median(speeds)
-        print(
-            f"| {method} | {precision} | {median:.2f} | {median * args.batch_size:.0f} | "
-            f"{', '.join(f'{v:.2f}' for v in speeds)} | {rows[-1]['peak_memory_gib']} |"
-        )
-    for precision in precisions:
-        if ("unsupervised", precision) in medians and ("pu", precision) in medians:
-            base, pu = medians["unsupervised", precision], medians["pu", precision]
-            print(f"\nPU objective overhead ({precision}): {100 * (base / pu - 1):+.1f}% time per step")
+    if args.repeats > 0:
+        print()
+        print(f"median of {args.repeats} interleaved runs, batch {args.batch_size}, {args.steps} steps each")
+        print()
+        print("| method | precision | steps/s | images/s | runs (steps/s) | peak GPU memory (GiB) |")
+        print("|---|---|---|---|---|---|")
+        medians = {}
+        for (method, precision), rows in measured.items():
+            speeds = [row["steps_per_second"] for row in rows]
+            medians[method, precision] = median = statistics.median(speeds)
+            print(
+                f"| {method} | {precision} | {median:.2f} | {median * args.batch_size:.0f} | "
+                f"{', '.join(f'{v:.2f}' for v in speeds)} | {rows[-1]['peak_memory_gib']} |"
+            )
+        for precision in precisions:
+            if ("unsupervised", precision) in medians and ("pu", precision) in medians:
+                base, pu = medians["unsupervised", precision], medians["pu", precision]
+                print(f"\nPU objective overhead ({precision}): {100 * (base / pu - 1):+.1f}% time per step")
+    if args.blocks:
+        speeds = objective_blocks(args, methods)
+        print()
+        print(f"objective blocks: {args.blocks} rounds of {args.block} steps per objective, ABBA order")
+        print()
+        print("| objective | steps/s (median) | images/s | blocks (steps/s) min-max |")
+        print("|---|---|---|---|")
+        for method, values in speeds.items():
+            median = statistics.median(values)
+            print(
+                f"| {method} | {median:.2f} | {median * args.batch_size:.0f} | "
+                f"{min(values):.2f}-{max(values):.2f} |"
+            )
+        if "unsupervised" in speeds and "pu" in speeds:
+            ratios = [u / p for u, p in zip(speeds["unsupervised"], speeds["pu"], strict=True)]
+            print(
+                f"\nPU objective overhead, median of per-round ratios: "
+                f"{100 * (statistics.median(ratios) - 1):+.1f}% time per step"
+            )
     if args.data_path:
         print()
         rows = data_path(args)

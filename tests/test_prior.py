@@ -119,3 +119,19 @@ def test_train_with_beta_auto_records_the_estimate_and_resumes(tmp_path, capsys)
     assert main(["train", "--out", str(out), "--resume", "--beta", "auto", *tiny]) == 0
     assert main(["train", "--out", str(out), "--resume", "--beta", "0.2", *tiny]) == 2
     assert main(["train", "--out", str(tmp_path / "u"), "--method", "unsupervised", "--beta", "auto"]) == 2
+
+
+def test_classifier_fit_is_seeded_whatever_ran_before():
+    """The S-vs-U classifier (dropout included) depends on its seed alone, not on the global
+    generator, so an estimate repeats within one process too."""
+    from pudm.classifier import FitConfig, build_classifier, fit
+
+    images, labels = torch.randn(64, 1, 8, 8), torch.arange(64) % 2
+    models = []
+    for advance in (1000, 3):
+        torch.manual_seed(1)
+        model = build_classifier("cnn", 1, 2, 8)
+        torch.rand(advance)  # whatever ran before moves the global generator on
+        models.append(fit(model, images, labels, FitConfig(epochs=2, seed=5)))
+    first, second = (m.state_dict() for m in models)
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -110,8 +110,13 @@ def test_temporaries_of_a_killed_writer_are_removed_or_restored(tmp_path):
     (run / ".pipeline.old-99").mkdir()  # killed between the two renames: pipeline/ is missing
     (run / ".pipeline.old-99" / "model_index.json").write_text("{}")
     (run / "checkpoints" / "step_00000002").mkdir()
+    (run / "checkpoints" / ".step_00000001.trash-99").mkdir()  # killed while rotating it out
     removed = runs.remove_temporaries(run)
-    assert sorted(p.name for p in removed) == [".metrics.jsonl.tmp-99", ".step_00000004.tmp-99"]
+    assert sorted(p.name for p in removed) == [
+        ".metrics.jsonl.tmp-99",
+        ".step_00000001.trash-99",
+        ".step_00000004.tmp-99",
+    ]
     assert (run / "pipeline" / "model_index.json").is_file()
     assert (run / "checkpoints" / "step_00000002").is_dir()
 
@@ -173,3 +178,56 @@ def test_a_tampered_checkpoint_is_refused(tmp_path, reference_run, capsys):
     err = capsys.readouterr().err
     assert "cannot be read" in err and "Traceback" not in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before, "nothing was touched"
+
+
+def _one_line_exit_2(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main(argv))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err, err
+    # One line names the problem and the fix (a resume may print its one-line banner first).
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    return line
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--sampler", "magic", "--out", "{tmp}/r"], "invalid choice: 'magic'"),
+        (["sample", "{tmp}/r", "--sampler", "magic", "--out", "{tmp}/x.png"], "invalid choice: 'magic'"),
+        (["evaluate", "{tmp}/r", "--classifier", "{tmp}/c", "--sampler", "x"], "invalid choice: 'x'"),
+        (["estimate-prior", "--preset", "imagenet"], "unknown preset"),
+        (["estimate-prior", "--num-sensitive", "5000"], "sensitive items"),
+        (["benchmark", "--betas", "0.1,x", "--out", "{tmp}/b"], "argument --betas: --beta takes a number"),
+        (["train", "--beta", "lots", "--out", "{tmp}/r"], "--beta takes a number in [0, 1) or auto"),
+        (["train", "--out", "{tmp}/file/run"], "not writable"),
+        (["classifier", "train", "--out", "{tmp}/file"], "is a file"),
+        (["benchmark", "--out", "{tmp}/file", "--seeds", "0", "--methods", "pu"], "is a file"),
+    ],
+)
+def test_bad_input_matrix_one_line_exit_2_nothing_written(tmp_path, capsys, argv, message):
+    (tmp_path / "file").write_text("keep")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    err = _one_line_exit_2([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_checkpoint_from_another_config_is_refused(tmp_path, reference_run, capsys):
+    import shutil
+
+    run = tmp_path / "other"
+    assert (
+        main(["train", "--out", str(run), "--steps", "4", "--seed", "3", "--checkpoint-every", "2", *TINY])
+        == 0
+    )
+    capsys.readouterr()
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "checkpoints")
+    shutil.copytree(reference_run / "checkpoints", run / "checkpoints")  # another run's checkpoints
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    err = _one_line_exit_2(["train", "--out", str(run), "--resume", "--quiet"], capsys)
+    assert "written by another configuration" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -154,18 +154,22 @@ def fit(
     )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=total)
     model.train()
-    for _ in range(config.epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images), config.batch_size):
-            index = order[start : start + config.batch_size]
-            if len(index) < 2:  # batch norm needs two samples
-                continue
-            batch = _augment(images[index], config.shift, generator)
-            loss = F.cross_entropy(model(batch), labels[index], weight=class_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    # Dropout draws from the global generator: seed it here (and leave the caller's state alone),
+    # so the same config gives the same model whatever ran before in the process.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        for _ in range(config.epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for start in range(0, len(images), config.batch_size):
+                index = order[start : start + config.batch_size]
+                if len(index) < 2:  # batch norm needs two samples
+                    continue
+                batch = _augment(images[index], config.shift, generator)
+                loss = F.cross_entropy(model(batch), labels[index], weight=class_weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
     return model.eval()
 
 

@@ -479,8 +479,15 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser, out: Path) -> None
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (problem and fix), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pudm",
         description=(
             "Positive-unlabeled diffusion models: train a diffusion model on unlabeled data U that "

@@ -29,23 +29,29 @@ def sensitive_scores(
     generator = torch.Generator().manual_seed(fit_config.seed)
     fold_of = torch.randperm(len(unlabeled), generator=generator) % folds
     scores = torch.empty(len(unlabeled))
-    channels, image_size = unlabeled.shape[1], unlabeled.shape[-1]
     for fold in range(folds):
         held = fold_of == fold
-        images = torch.cat([unlabeled[~held], sensitive])
-        labels = torch.cat(
-            [torch.zeros(int((~held).sum()), dtype=torch.long), torch.ones(len(sensitive), dtype=torch.long)]
-        )
-        # Balanced classes: S is usually much smaller than U.
-        counts = torch.bincount(labels, minlength=2).float()
-        weights = counts.sum() / (2.0 * counts)
-        fold_config = FitConfig(**{**vars(fit_config), "seed": fit_config.seed * 100 + fold})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(fold_config.seed)
-            model = build_classifier(arch, channels, 2, image_size)
-        fit(model, images, labels, fold_config, class_weights=weights)
+        model = fit_sensitive_classifier(unlabeled[~held], sensitive, fit_config, fold, arch)
         scores[held] = predict_proba(model, unlabeled[held])[:, 1]
     return scores
+
+
+def fit_sensitive_classifier(
+    unlabeled: torch.Tensor, sensitive: torch.Tensor, fit_config: FitConfig, fold: int, arch: str = "cnn"
+) -> torch.nn.Module:
+    """A classifier of S (label 1) against U (label 0) with balanced class weights (S is usually
+    much smaller than U), initialised and trained with a seed of its own per fold."""
+    images = torch.cat([unlabeled, sensitive])
+    labels = torch.cat(
+        [torch.zeros(len(unlabeled), dtype=torch.long), torch.ones(len(sensitive), dtype=torch.long)]
+    )
+    counts = torch.bincount(labels, minlength=2).float()
+    fold_config = FitConfig(**{**vars(fit_config), "seed": fit_config.seed * 100 + fold})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(fold_config.seed)
+        model = build_classifier(arch, unlabeled.shape[1], 2, unlabeled.shape[-1])
+    fit(model, images, labels, fold_config, class_weights=counts.sum() / (2.0 * counts))
+    return model
 
 
 def keep_mask(scores: torch.Tensor, beta: float) -> torch.Tensor:

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pudm.classifier import FitConfig, build_classifier, fit, predict_proba
+from pudm.classifier import FitConfig, predict_proba
+from pudm.filtering import fit_sensitive_classifier
 
 # Fewer labeled sensitive items than this: no estimate (an error naming the fix).
 MIN_SENSITIVE = 10
@@ -106,19 +107,9 @@ def cnn_scores(
     generator = torch.Generator().manual_seed(fit_config.seed)
     fold_u, fold_s = _folds(len(unlabeled), folds, generator), _folds(len(sensitive), folds, generator)
     scores_u, scores_s = torch.empty(len(unlabeled)), torch.empty(len(sensitive))
-    channels, image_size = unlabeled.shape[1], unlabeled.shape[-1]
     for fold in range(folds):
         train_u, train_s = unlabeled[fold_u != fold], sensitive[fold_s != fold]
-        images = torch.cat([train_u, train_s])
-        labels = torch.cat(
-            [torch.zeros(len(train_u), dtype=torch.long), torch.ones(len(train_s), dtype=torch.long)]
-        )
-        counts = torch.bincount(labels, minlength=2).float()
-        fold_config = FitConfig(**{**vars(fit_config), "seed": fit_config.seed * 100 + fold})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(fold_config.seed)
-            model = build_classifier(arch, channels, 2, image_size)
-        fit(model, images, labels, fold_config, class_weights=counts.sum() / (2.0 * counts))
+        model = fit_sensitive_classifier(train_u, train_s, fit_config, fold, arch)
         scores_u[fold_u == fold] = predict_proba(model, unlabeled[fold_u == fold])[:, 1]
         scores_s[fold_s == fold] = predict_proba(model, sensitive[fold_s == fold])[:, 1]
     return scores_u.numpy(), scores_s.numpy()

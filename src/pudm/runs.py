@@ -95,8 +95,9 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
-    """Delete what a killed writer left behind (``.NAME.tmp-PID`` / ``.NAME.old-PID`` in the run
-    folder and its checkpoints folder); complete files and folders are never touched.
+    """Delete what a killed writer left behind (``.NAME.tmp-PID``, ``.NAME.old-PID``,
+    ``.NAME.trash-PID`` in the run folder and its checkpoints folder); complete files and folders
+    are never touched.
 
     A kill between the two renames of :func:`atomic_write_dir` leaves ``NAME`` missing and its
     previous version in ``.NAME.old-PID``: that one is put back instead.
@@ -107,7 +108,7 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
             continue
         for child in folder.iterdir():
             name = child.name
-            if not name.startswith(".") or not (".tmp-" in name or ".old-" in name):
+            if not name.startswith(".") or not any(tag in name for tag in (".tmp-", ".old-", ".trash-")):
                 continue
             original = folder / name[1:].rsplit(".old-", 1)[0]
             if ".old-" in name and not original.exists():
@@ -170,8 +171,17 @@ def save_checkpoint(
 
     atomic_write_dir(target, write)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_dir(old)
     return target
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a folder so that a kill midway never leaves a half-deleted one under its name: rename
+    it to ``.NAME.trash-PID`` first (atomic), then delete that."""
+    path = Path(path)
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
