@@ -60,7 +60,8 @@ TRAIN_OVERRIDES = {
 }
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Which U, S and test split: the data options shared by train and estimate-prior."""
     data = parser.add_argument_group("data")
     data.add_argument(
         "--preset",
@@ -68,13 +69,18 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"named settings: {', '.join(sorted(PRESETS))} (default: digits_even)",
     )
     data.add_argument("--num-sensitive", type=int, help="size of the labeled sensitive set S")
+    data.add_argument("--split-seed", type=int, help="seed of the U/S/test split (default 0)")
+    data.add_argument("--image-size", type=int, help="resize images to this many pixels a side")
+    return data
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    data = _add_data_arguments(parser)
     data.add_argument(
         "--sensitive-per-batch",
         type=int,
         help="exactly K items of S per batch (default: drawn from the pooled U and S, as the paper)",
     )
-    data.add_argument("--split-seed", type=int, help="seed of the U/S/test split (default 0)")
-    data.add_argument("--image-size", type=int, help="resize images to this many pixels a side")
 
     method = parser.add_argument_group("objective")
     method.add_argument("--method", help=f"one of {', '.join(TRAIN_METHODS)} (default: pu)")
@@ -140,7 +146,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """The preset with every flag the user gave applied, validated."""
     config = preset(args.preset or "digits_even")
-    if args.model is not None:
+    if getattr(args, "model", None) is not None:
         # A model preset sets the architecture; the preset's prediction type stays unless overridden.
         prediction_type = config.model.prediction_type
         config.model = model_preset(args.model)
@@ -327,14 +333,7 @@ def command_estimate_prior(args: argparse.Namespace) -> int:
 
     if args.epochs <= 0:
         raise UsageError(f"--epochs must be > 0, got {args.epochs}")
-    config = preset(args.preset)
-    for flag, field in (
-        ("num_sensitive", "num_sensitive"),
-        ("split_seed", "split_seed"),
-        ("image_size", "image_size"),
-    ):
-        if getattr(args, flag) is not None:
-            setattr(config.data, field, getattr(args, flag))
+    config = resolve_config(args)  # the data options it has; everything else stays the preset's
     config.train.filter_epochs = args.epochs
     config.validate()
     split = split_from_config(config)
@@ -528,13 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate-prior",
         help="estimate beta, the share of sensitive items in U, from U and S",
         description="Best Bin Estimation (Garg et al. 2021) on a cross-fitted S-vs-U CNN, with a "
-        "bootstrap 95%% interval and a cross-check by BBE on PCA + logistic regression. Prints the "
+        "bootstrap 95% interval and a cross-check by BBE on PCA + logistic regression. Prints the "
         "estimate; --json prints {beta, low, high, method, cross_check, warnings}.",
     )
-    estimate.add_argument("--preset", default="digits_even", help="named settings (default digits_even)")
-    estimate.add_argument("--num-sensitive", type=int, help="size of the labeled sensitive set S")
-    estimate.add_argument("--split-seed", type=int, help="seed of the U/S/test split (default 0)")
-    estimate.add_argument("--image-size", type=int, help="resize images to this many pixels a side")
+    _add_data_arguments(estimate)
     estimate.add_argument("--epochs", type=int, default=20, help="classifier epochs per fold (default 20)")
     estimate.add_argument("--no-cross-check", action="store_true", help="skip the second estimator")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -547,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train the evaluation classifier of a preset's data",
         description="Fit a classifier of the fine classes (normal vs sensitive follows) on the real "
-        "labeled data of a preset, hold out a stratified 20%% to report accuracy, save it "
+        "labeled data of a preset, hold out a stratified 20% to report accuracy, save it "
         "(model.safetensors + config.json).",
     )
     classifier_train.add_argument(
@@ -570,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="non-sensitive rate, FID and class histogram of a trained run -> RUN/eval.json",
         description="Sample from RUN/pipeline and judge the samples with an evaluation classifier: "
-        "non-sensitive rate with a 95%% interval, FID (classifier features) against the normal test "
+        "non-sensitive rate with a 95% interval, FID (classifier features) against the normal test "
         "split, optionally Inception FID, and the per-class histogram.",
     )
     evaluate.add_argument("run", type=Path, help="run folder")
