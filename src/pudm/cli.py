@@ -239,15 +239,7 @@ def command_train(args: argparse.Namespace) -> int:
     # main process alone touches the folder while the others wait.
     state = process_state()
     if state.is_main_process:
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            probe = args.out / f".write-test-{id(args)}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise UsageError(
-                f"--out {args.out} is not writable ({error.strerror}): choose another folder"
-            ) from None
+        _check_writable(args)
         if args.overwrite:
             for child in args.out.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -282,7 +274,7 @@ def _pipeline_dir(path: Path) -> Path:
 
 def command_sample(args: argparse.Namespace) -> int:
     from pudm.models import load_pipeline
-    from pudm.sampling import generate, save_grid
+    from pudm.sampling import generate
 
     if args.num <= 0:
         raise UsageError(f"--num must be > 0, got {args.num}")
@@ -293,6 +285,14 @@ def command_sample(args: argparse.Namespace) -> int:
             raise UsageError(f"--out {out}: use a .png (grid) or .npz (uint8 array) file name")
         if not out.parent.exists() and str(out.parent):
             raise UsageError(f"--out {out}: folder {out.parent} does not exist: create it first")
+    from pudm.sd import is_sd_run
+
+    if is_sd_run(args.run):
+        return _sample_sd(args)
+    if args.prompt is not None or args.guidance_scale is not None:
+        raise UsageError(
+            f"--prompt and --guidance-scale are for pudm sd runs; {args.run} is not one: drop them"
+        )
     pipeline_dir = _pipeline_dir(args.run)
     defaults = RunConfig().sample
     if pipeline_dir != args.run and runs.holds_run(args.run):
@@ -303,17 +303,209 @@ def command_sample(args: argparse.Namespace) -> int:
     images = generate(
         pipeline.unet, pipeline.scheduler.config, num=args.num, sampler=sampler, steps=steps, seed=args.seed
     )
-    for out in args.out:
+    _write_samples(images, args.out, f"{sampler}, {steps} steps")
+    return 0
+
+
+def _sample_sd(args: argparse.Namespace) -> int:
+    import torch
+
+    from pudm.sd import generate_sd, load_run_config, load_run_pipeline
+
+    config = load_run_config(args.run)
+    prompt = args.prompt or (
+        config.sample.prompts[0] if config.sample.prompts else config.data.unlabeled_prompt
+    )
+    if not prompt:
+        raise UsageError("--prompt TEXT is required: this run has no default prompt")
+    sampler = args.sampler or config.sample.sampler
+    steps = args.steps or (
+        config.sample.steps if sampler == config.sample.sampler else default_steps(sampler)
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = load_run_pipeline(args.run, device=device)
+    guidance = config.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    images = generate_sd(
+        pipeline,
+        prompt,
+        num=args.num,
+        sampler=sampler,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=args.seed,
+        resolution=config.data.resolution,
+    )
+    _write_samples(images, args.out, f"{prompt!r}, {sampler}, {steps} steps, guidance {guidance}", scale=1)
+    return 0
+
+
+def _write_samples(images, outs: list[Path], how: str, scale: int = 4) -> None:
+    from pudm.sampling import save_grid
+
+    for out in outs:
         if out.suffix == ".png":
-            save_grid(images, out)
+            save_grid(images, out, scale=scale)
         else:
             tmp = out.with_name(f".{out.stem}.tmp.npz")
             import numpy as np
 
             np.savez_compressed(tmp, images=images)
             tmp.replace(out)
-        print(f"wrote {len(images)} samples ({sampler}, {steps} steps) to {out}")
+        print(f"wrote {len(images)} samples ({how}) to {out}")
+
+
+# pudm sd flag -> (config section, field); None: keep the default.
+SD_OVERRIDES = {
+    "unlabeled": ("data", "unlabeled"),
+    "sensitive": ("data", "sensitive"),
+    "unlabeled_prompt": ("data", "unlabeled_prompt"),
+    "sensitive_prompt": ("data", "sensitive_prompt"),
+    "resolution": ("data", "resolution"),
+    "strict": ("data", "strict"),
+    "sensitive_per_batch": ("data", "sensitive_per_batch"),
+    "pretrained": ("model", "pretrained"),
+    "lora_rank": ("model", "lora_rank"),
+    "lora_alpha": ("model", "lora_alpha"),
+    "gradient_checkpointing": ("model", "gradient_checkpointing"),
+    "cache": ("model", "cache"),
+    "ema": ("model", "ema"),
+    "epochs": ("model", "epochs"),
+    "method": ("train", "method"),
+    "beta": ("train", "beta"),
+    "correction": ("train", "correction"),
+    "steps": ("train", "steps"),
+    "batch_size": ("train", "batch_size"),
+    "lr": ("train", "learning_rate"),
+    "warmup_steps": ("train", "warmup_steps"),
+    "lr_schedule": ("train", "lr_schedule"),
+    "weight_decay": ("train", "weight_decay"),
+    "ema_decay": ("train", "ema_decay"),
+    "seed": ("train", "seed"),
+    "mixed_precision": ("train", "mixed_precision"),
+    "log_every": ("train", "log_every"),
+    "checkpoint_every": ("train", "checkpoint_every"),
+    "keep_checkpoints": ("train", "keep_checkpoints"),
+    "max_nonfinite_steps": ("train", "max_nonfinite_steps"),
+    "sampler": ("sample", "sampler"),
+    "sample_steps": ("sample", "steps"),
+    "guidance_scale": ("sample", "guidance_scale"),
+    "sample_prompt": ("sample", "prompts"),
+    "grid_size": ("sample", "grid_size"),
+}
+
+
+def _sd_config(args: argparse.Namespace):
+    """The Stable Diffusion run's settings: the paper's defaults with every given flag applied."""
+    from pudm.sd import SDRunConfig, default_learning_rate
+
+    if args.steps is not None and args.epochs is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    config = SDRunConfig()
+    for flag, (section, name) in SD_OVERRIDES.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(getattr(config, section), name, tuple(value) if isinstance(value, list) else value)
+    if args.lr is None:
+        config.train.learning_rate = default_learning_rate(config.train.method)
+    if args.sampler is not None and args.sample_steps is None:
+        config.sample.steps = default_steps(args.sampler)
+    if args.steps is None and args.epochs is None:
+        config.model.epochs = 1000  # the paper's 1000 epochs
+    for flag in ("unlabeled", "sensitive"):
+        if getattr(config.data, flag):
+            setattr(config.data, flag, str(Path(getattr(config.data, flag)).resolve()))
+    if config.train.method == "unsupervised":
+        config.data.sensitive, config.data.sensitive_prompt = None, None
+    config.validate()
+    return config
+
+
+def _sd_resume_config(args: argparse.Namespace):
+    from pudm.sd import SDRunConfig, is_sd_run, load_run_config
+
+    if not is_sd_run(args.out):
+        raise UsageError(f"--resume: {args.out} holds no pudm sd run (no config.json of one): drop --resume")
+    stored = load_run_config(args.out)
+    given = {flag for flag in SD_OVERRIDES if getattr(args, flag, None) is not None}
+    if given:
+        wanted = _sd_config(args).to_dict()
+        mine = {k: v for k, v in stored.to_dict().items()}
+        for section in ("data", "model", "train", "sample"):
+            for name, value in wanted[section].items():
+                flag = next((f for f, target in SD_OVERRIDES.items() if target == (section, name)), None)
+                if flag in given and mine[section][name] != value:
+                    raise UsageError(
+                        f"--resume: {args.out} was trained with --{flag.replace('_', '-')} "
+                        f"{mine[section][name]}, not {value}: drop the flag to resume, or start a new run "
+                        "with --overwrite"
+                    )
+    return SDRunConfig.from_dict(stored.to_dict())
+
+
+def command_sd(args: argparse.Namespace) -> int:
+    from pudm.sd import SDTrainer, data_fingerprints, load_parts, load_text_images, resolve_steps
+    from pudm.training import process_state
+
+    _prepare_out(args)
+    config = _sd_resume_config(args) if args.resume else _sd_config(args)
+    data = load_text_images(config.data, need_sensitive=config.train.method != "unsupervised")
+    found = data_fingerprints(data)
+    if args.resume:
+        if found != config.data.fingerprints:
+            raise UsageError(
+                f"--resume: the images in --unlabeled/--sensitive changed since {args.out} started: "
+                "put them back, or start a new run with --overwrite"
+            )
+        if runs.is_complete(args.out):
+            print(f"{args.out} is complete ({config.train.steps} steps); nothing to resume")
+            return 0
+    state = process_state()
+    if not args.resume:
+        config.data.fingerprints = found
+        config.data.num_unlabeled = len(data.unlabeled.files)
+        config.data.num_sensitive = len(data.sensitive.files) if data.sensitive else 0
+        resolve_steps(config, data, state.num_processes)
+        config.validate()
+    # Load the pipeline before anything is written: a bad --pretrained leaves no half-made run.
+    parts = load_parts(config.model.pretrained)
+    if state.is_main_process:
+        _check_writable(args)
+        if args.overwrite:
+            for child in args.out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        skipped = data.skipped()
+        if skipped:
+            print(
+                f"pudm sd: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0][0]} "
+                f"({skipped[0][1]}); --strict makes this an error",
+                file=sys.stderr,
+            )
+        mode = f"LoRA rank {config.model.lora_rank}" if config.lora else "full UNet"
+        print(
+            f"pudm sd: {config.model.pretrained}, {mode}, method {config.train.method}, beta "
+            f"{config.train.beta}, U {config.data.num_unlabeled}, S {config.data.num_sensitive}, "
+            f"{len(data.captions)} caption(s), {config.data.resolution} px, {config.train.steps} steps "
+            f"-> {args.out}",
+            file=sys.stderr,
+        )
+    state.wait_for_everyone()
+    SDTrainer(config, data, args.out, show_progress=not args.quiet, parts=parts).train(resume=args.resume)
+    if state.is_main_process:
+        saved = "lora/pytorch_lora_weights.safetensors" if config.lora else "pipeline/"
+        print(f"done: {args.out / saved}" + (", samples in samples.png" if config.sample.grid_size else ""))
     return 0
+
+
+def _check_writable(args: argparse.Namespace) -> None:
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / f".write-test-{id(args)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(
+            f"--out {args.out} is not writable ({error.strerror}): choose another folder"
+        ) from None
 
 
 def _csv(kind: type, flag: str):
@@ -361,6 +553,37 @@ def command_estimate_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _folder_classifier(args: argparse.Namespace, fit_config):
+    """Normal (class 0) vs sensitive (class 1) from two image folders."""
+    import torch
+
+    from pudm.classifier import train_classifier
+    from pudm.imagefolder import load_folder
+
+    if args.normal is None or args.sensitive is None:
+        raise UsageError("a folder classifier needs both --normal DIR and --sensitive DIR")
+    size = args.image_size or 64
+    normal = load_folder(args.normal, size, args.channels, args.strict, "--normal")
+    sensitive = load_folder(args.sensitive, size, args.channels, args.strict, "--sensitive")
+    for folder in (normal, sensitive):
+        if len(folder.files) < 5:
+            raise UsageError(
+                f"{folder.root} holds {len(folder.files)} readable images: a classifier needs >= 5"
+            )
+    images = torch.cat([normal.as_float(), sensitive.as_float()])
+    labels = torch.cat([torch.zeros(len(normal.files)), torch.ones(len(sensitive.files))]).long()
+    return train_classifier(
+        images,
+        labels,
+        arch=args.arch,
+        source="folders",
+        normal_classes=(0,),
+        preset="folders",
+        fit_config=fit_config,
+        weights=args.weights,
+    )
+
+
 def command_classifier_train(args: argparse.Namespace) -> int:
     from pudm.classifier import ARCHITECTURES, FitConfig, train_for_config
 
@@ -375,13 +598,15 @@ def command_classifier_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--out {args.out} exists and is not a classifier folder: choose a new folder")
         if not args.overwrite:
             raise UsageError(f"--out {args.out} already holds a classifier: pass --overwrite to replace it")
-    config = preset(args.preset)
-    if args.image_size is not None:
-        config.data.image_size = args.image_size
-    config.validate()
-    classifier = train_for_config(
-        config, arch=args.arch, fit_config=FitConfig(epochs=args.epochs, seed=args.seed), weights=args.weights
-    )
+    fit_config = FitConfig(epochs=args.epochs, seed=args.seed)
+    if args.normal is not None or args.sensitive is not None:
+        classifier = _folder_classifier(args, fit_config)
+    else:
+        config = preset(args.preset)
+        if args.image_size is not None:
+            config.data.image_size = args.image_size
+        config.validate()
+        classifier = train_for_config(config, arch=args.arch, fit_config=fit_config, weights=args.weights)
     classifier.save(args.out)
     info = classifier.info
     print(
@@ -407,6 +632,12 @@ def command_evaluate(args: argparse.Namespace) -> int:
     if not args.run.is_dir():
         raise UsageError(f"{args.run} does not exist: give a run folder")
     classifier = Classifier.load(args.classifier)
+    from pudm.sd import is_sd_run
+
+    if is_sd_run(args.run):
+        return _evaluate_sd(args, classifier)
+    if args.prompt is not None or args.reference is not None:
+        raise UsageError(f"--prompt and --reference are for pudm sd runs; {args.run} is not one: drop them")
     result = evaluate_run(
         args.run,
         classifier,
@@ -426,6 +657,31 @@ def command_evaluate(args: argparse.Namespace) -> int:
         + f"; {result['num_samples']} samples ({result['sampler']}, {result['sampling_steps']} steps)"
     )
     print(f"per-class counts: {result['class_histogram']}; details in {args.run / 'eval.json'}")
+    return 0
+
+
+def _evaluate_sd(args: argparse.Namespace, classifier) -> int:
+    from pudm.evaluation import evaluate_sd_run
+
+    if args.inception:
+        raise UsageError("--inception is not available for pudm sd runs yet: drop it (see --reference)")
+    result = evaluate_sd_run(
+        args.run,
+        classifier,
+        prompt=args.prompt,
+        num=args.num,
+        sampler=args.sampler,
+        steps=args.sample_steps,
+        seed=args.seed,
+        reference=args.reference,
+    )
+    low, high = result["non_sensitive_rate_95ci"]
+    fid = f", classifier FID {result['fid_classifier']:.2f}" if "fid_classifier" in result else ""
+    print(
+        f"{args.run}: {result['prompt']!r}: non-sensitive rate {result['non_sensitive_rate']:.3f} "
+        f"(95% CI {low:.3f}-{high:.3f}){fid}; {result['num_samples']} samples ({result['sampler']}, "
+        f"{result['sampling_steps']} steps); details in {args.run / 'eval.json'}"
+    )
     return 0
 
 
@@ -478,6 +734,77 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser, out: Path) -> None
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_sd_arguments(parser: argparse.ArgumentParser) -> None:
+    from pudm.sd import SD_METHODS
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--pretrained", help="local Stable Diffusion pipeline folder or hub id")
+    data.add_argument("--unlabeled", type=Path, help="folder of unlabeled images U (recursive)")
+    data.add_argument("--sensitive", type=Path, help="folder of labeled sensitive images S (recursive)")
+    data.add_argument("--unlabeled-prompt", help="caption of U images that metadata.jsonl does not caption")
+    data.add_argument("--sensitive-prompt", help="caption of S images that metadata.jsonl does not caption")
+    data.add_argument("--resolution", type=int, help="training size in pixels, resize + centre crop (512)")
+    data.add_argument("--strict", action="store_true", default=None, help="stop at an unreadable image file")
+    data.add_argument("--sensitive-per-batch", type=int, help="exactly K items of S per batch")
+
+    method = parser.add_argument_group("objective")
+    method.add_argument("--method", help=f"one of {', '.join(SD_METHODS)} (default pu)")
+    method.add_argument("--beta", type=float, help="share of sensitive items in U, in [0, 1) (default 0.2)")
+    method.add_argument("--correction", help=f"PU correction: {' or '.join(CORRECTIONS)} (default abs)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument(
+        "--lora-rank", type=int, help="train LoRA adapters of this rank (default 0: full UNet)"
+    )
+    optim.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    optim.add_argument("--steps", type=int, help="optimiser steps")
+    optim.add_argument("--epochs", type=int, help="passes over U (+ S) instead of --steps (default 1000)")
+    optim.add_argument("--batch-size", type=int, help="images per step per process (default 16)")
+    optim.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5 for pu, 1e-4 otherwise)")
+    optim.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    optim.add_argument("--lr-schedule", choices=("constant", "cosine"), help="default constant")
+    optim.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    optim.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        help="autocast dtype; the frozen VAE and text encoder (and the LoRA base) are stored in it",
+    )
+    optim.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations: less memory",
+    )
+    optim.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encode every image and caption once before training (default on; same results)",
+    )
+    optim.add_argument("--ema", action="store_true", default=None, help="save EMA weights of what trains")
+    optim.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
+    optim.add_argument("--seed", type=int, help="seed of adapters, batches and noise (default 0)")
+
+    run = parser.add_argument_group("run folder")
+    run.add_argument("--out", required=True, type=Path, help="run folder to write")
+    run.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace a finished or broken run in --out")
+    run.add_argument("--log-every", type=int, help="steps per metrics line (default 10)")
+    run.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
+    run.add_argument("--keep-checkpoints", type=int, help="checkpoints kept on disk (default 2)")
+    run.add_argument("--max-nonfinite-steps", type=int, help="non-finite losses in a row before stopping (5)")
+    run.add_argument("--sampler", choices=SAMPLERS, help="end-of-run samples and pudm sample (default ddim)")
+    run.add_argument("--sample-steps", type=int, help="sampling steps (default 50 for ddim)")
+    run.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 7.5)")
+    run.add_argument(
+        "--sample-prompt", action="append", help="prompt of the end-of-run grid; repeatable (default: U's)"
+    )
+    run.add_argument("--grid-size", type=int, help="images per prompt in samples.png (default 4; 0: none)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (problem and fix), exit code 2."""
 
@@ -518,6 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--steps", type=int, help="sampling steps (default: the run's, 1000 for ddpm)")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sample.add_argument("--prompt", help="pudm sd runs: the text prompt (default: the run's)")
+    sample.add_argument("--guidance-scale", type=float, help="pudm sd runs: classifier-free guidance")
     sample.add_argument(
         "--out", type=Path, action="append", required=True, help="FILE.png and/or FILE.npz; repeatable"
     )
@@ -558,6 +887,16 @@ def build_parser() -> argparse.ArgumentParser:
     classifier_train.add_argument(
         "--weights", type=Path, help="ResNet: start from these ImageNet weights (a local state dict file)"
     )
+    classifier_train.add_argument(
+        "--normal",
+        type=Path,
+        help="folder of normal images (with --sensitive: a two-class folder classifier)",
+    )
+    classifier_train.add_argument("--sensitive", type=Path, help="folder of sensitive images")
+    classifier_train.add_argument(
+        "--channels", type=int, choices=(1, 3), default=3, help="folders: grey (1) or RGB (3, default)"
+    )
+    classifier_train.add_argument("--strict", action="store_true", help="folders: stop at an unreadable file")
     classifier_train.add_argument("--out", type=Path, required=True, help="classifier folder to write")
     classifier_train.add_argument("--overwrite", action="store_true", help="replace the classifier in --out")
     classifier_train.set_defaults(handler=command_classifier_train)
@@ -583,8 +922,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--inception", action="store_true", help="also Inception FID (needs torch-fidelity)"
     )
     evaluate.add_argument("--inception-weights", type=Path, help="local Inception-v3 weights file (offline)")
+    evaluate.add_argument("--prompt", help="pudm sd runs: the prompt to judge (default: the run's)")
+    evaluate.add_argument(
+        "--reference", type=Path, help="pudm sd runs: folder of normal images for the classifier FID"
+    )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars")
     evaluate.set_defaults(handler=command_evaluate)
+
+    sd = sub.add_parser(
+        "sd",
+        help="PU fine-tuning of a Stable Diffusion pipeline (full UNet or LoRA) on two image folders",
+        description="Fine-tune the UNet of a Stable Diffusion pipeline on VAE latents of U (--unlabeled) "
+        "and S (--sensitive) with the text encoder and VAE frozen. Captions: metadata.jsonl lines "
+        "{file_name, text} in a folder, else the folder's --*-prompt. Saves RUN/pipeline (full) or "
+        "RUN/lora/pytorch_lora_weights.safetensors (--lora-rank R), metrics.jsonl, checkpoints/ and "
+        "samples.png. Defaults are the paper's: pu, beta 0.2, batch 16, lr 1e-5 (pu) / 1e-4, 512 px, "
+        "1000 epochs.",
+    )
+    _add_sd_arguments(sd)
+    sd.set_defaults(handler=command_sd)
 
     benchmark = sub.add_parser(
         "benchmark",

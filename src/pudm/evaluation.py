@@ -224,3 +224,97 @@ def evaluate_run(
     }
     runs.atomic_write_json(run_dir / EVAL, result)
     return result
+
+
+def resize_uint8(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """uint8 (N, H, W, C) images at ``size`` x ``size`` with ``channels`` (the classifier's input)."""
+    from PIL import Image, ImageOps
+
+    out = []
+    for array in images:
+        picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+        picture = picture.convert("L" if channels == 1 else "RGB")
+        if picture.size != (size, size):
+            picture = ImageOps.fit(picture, (size, size), method=Image.Resampling.BICUBIC)
+        resized = np.asarray(picture, dtype=np.uint8)
+        out.append(resized[..., None] if channels == 1 else resized)
+    return np.stack(out)
+
+
+def evaluate_sd_run(
+    run_dir: Path,
+    classifier: Classifier,
+    prompt: str | None = None,
+    num: int = 100,
+    sampler: str | None = None,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    reference: Path | None = None,
+    device: str | None = None,
+) -> dict:
+    """Non-sensitive rate (and, with a ``reference`` folder of normal images, classifier FID) of
+    ``num`` images a ``pudm sd`` run generates for ``prompt``; writes ``RUN/eval.json``.
+
+    Any pudm classifier judges the images, resized to its input size; the ones trained on two
+    image folders (``pudm classifier train --normal DIR --sensitive DIR``) are the usual choice.
+    """
+    from pudm.imagefolder import load_folder
+    from pudm.sd import generate_sd, load_run_config, load_run_pipeline
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    prompt = prompt or (config.sample.prompts[0] if config.sample.prompts else config.data.unlabeled_prompt)
+    if not prompt:
+        raise ValueError("--prompt is required: this run has no default prompt")
+    sampler = sampler or config.sample.sampler
+    steps = steps or (config.sample.steps if sampler == config.sample.sampler else default_steps(sampler))
+    info = classifier.info
+    reference_images = None
+    if reference is not None:
+        folder = load_folder(reference, info.image_size, info.channels, flag="--reference")
+        reference_images = folder.images.permute(0, 2, 3, 1).numpy()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = load_run_pipeline(run_dir, device=device)
+    start = time.perf_counter()
+    generated = generate_sd(
+        pipeline,
+        prompt,
+        num=num,
+        sampler=sampler,
+        steps=steps,
+        guidance_scale=config.sample.guidance_scale if guidance_scale is None else guidance_scale,
+        seed=seed,
+        resolution=config.data.resolution,
+    )
+    sampling_seconds = time.perf_counter() - start
+    save_grid(generated[:64], run_dir / EVAL_GRID, scale=1)
+    images = resize_uint8(generated, info.image_size, info.channels)
+    predicted = classifier.predict(images)
+    is_normal = classifier.is_normal(predicted)
+    low, high = wilson_interval(int(is_normal.sum()), len(is_normal))
+    result = {
+        "run": run_dir.name,
+        "method": config.train.method,
+        "beta": config.train.beta,
+        "prompt": prompt,
+        "sampler": sampler,
+        "sampling_steps": steps,
+        "sampling_seed": seed,
+        "sampling_seconds": sampling_seconds,
+        "non_sensitive_rate": float(is_normal.mean()),
+        "non_sensitive_rate_95ci": [low, high],
+        "num_samples": len(images),
+        "class_histogram": class_histogram(predicted, info.num_classes),
+        "classifier": {
+            "path": str(classifier.path) if classifier.path else None,
+            "arch": info.arch,
+            "heldout_accuracy": info.heldout_accuracy,
+            "fingerprint": classifier.fingerprint(),
+        },
+    }
+    if reference_images is not None:
+        result["fid_classifier"] = classifier_fid(classifier, reference_images, images)
+        result["fid_reference"] = f"{reference} ({len(reference_images)} images)"
+    runs.atomic_write_json(run_dir / EVAL, result)
+    return result

@@ -64,14 +64,18 @@ def per_sample_denoising_loss(
     clean: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """l(x) = ||eps_theta(x_t, t) - eps||^2 summed over all dimensions, one value per sample.
+    """l(x) = ||eps_theta(x_t, t [, condition]) - eps||^2 summed over all dimensions, one value per sample.
 
+    ``clean`` is an image or a latent; ``conditioning`` holds the UNet's extra inputs (the text
+    embeddings of a Stable Diffusion UNet: ``{"encoder_hidden_states": ...}``), the only difference
+    between the unconditional and the text-conditioned objective.
     For a v-prediction schedule the target is v = sqrt(abar_t) eps - sqrt(1 - abar_t) x instead.
     Returned in float32 whatever the autocast dtype, so the objective is reduced in full precision.
     """
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    prediction = unet(noisy, timesteps).sample
+    prediction = unet(noisy, timesteps, **(conditioning or {})).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(clean, noise, timesteps)
     else:
@@ -239,6 +243,11 @@ class Trainer:
     ``train()`` builds the UNet, its EMA copy, AdamW and the learning-rate schedule, optionally
     restores them from the last checkpoint, runs the loop, and writes the final pipeline and grid.
     SIGINT/SIGTERM stop the loop between two steps with a checkpoint of the last complete step.
+
+    The loop is shared with other models (:class:`pudm.sd.SDTrainer`): a subclass overrides the
+    hooks ``_build``, ``_batches``, ``_trainable_parameters``, ``_update_ema``, the state hooks
+    and ``_finish``; the step itself (objective, non-finite guard, logging, checkpoints, stops)
+    stays here.
     """
 
     def __init__(
@@ -287,19 +296,70 @@ class Trainer:
                 runs.truncate_metrics(self.run_dir / "metrics.jsonl", 0)
             return 0
         checkpoint = runs.load_checkpoint(checkpoints[-1])
-        if RunConfig.normalize(checkpoint["config"]) != self.config.to_dict():
+        if not self._config_matches(checkpoint["config"]):
             raise runs.RunError(
                 f"checkpoint {checkpoints[-1]} was written by another configuration: resume with the "
                 "run's own settings, or start again with --overwrite"
             )
-        self.unet.load_state_dict(checkpoint["model"])
-        self.ema.load_state_dict(checkpoint["ema"])
+        self._load_states(checkpoint["model"], checkpoint["ema"])
         self.optimizer.load_state_dict(checkpoint["state"]["optimizer"])
         self.lr_scheduler.load_state_dict(checkpoint["state"]["lr_scheduler"])
         step = int(checkpoint["state"]["step"])
         if self.accelerator.is_main_process:
             runs.truncate_metrics(self.run_dir / "metrics.jsonl", step)
         return step
+
+    # -- hooks a subclass overrides for another model -------------------------------------------
+
+    def _config_matches(self, stored: dict) -> bool:
+        return RunConfig.normalize(stored) == self.config.to_dict()
+
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return self.accelerator.unwrap_model(self.unet).state_dict()
+
+    def _ema_state(self) -> dict[str, torch.Tensor]:
+        return self.ema.state_dict()
+
+    def _load_states(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
+        self.unet.load_state_dict(model)
+        self.ema.load_state_dict(ema)
+
+    def _update_ema(self, step: int) -> None:
+        decay = ema_decay_at(step, self.config.train.ema_decay)
+        update_ema(self.ema, self.accelerator.unwrap_model(self.unet), decay)
+
+    def _prepare(self) -> None:
+        """Hand the model and optimiser to accelerate; move what else the loop needs."""
+        cfg, accelerator = self.config, self.accelerator
+        self.keep = None
+        if cfg.train.method == "filter":
+            # Every process computes the same seeded mask; only the main process writes it.
+            self.keep = filter_keep(cfg, self.split, self.run_dir, write=accelerator.is_main_process)
+        self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
+        self.ema.to(accelerator.device)
+
+    def _batches(self):
+        """What the loop draws from: ``(fetch, num_unlabeled, num_sensitive, objective method)``.
+
+        ``fetch(index, step)`` turns the step's pool indices into ``(clean, is_sensitive,
+        conditioning)`` on the device; ``conditioning`` is None for an unconditional UNet.
+        """
+        train, device = self.config.train, self.accelerator.device
+        pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(
+            self.split, train.method, self.keep
+        )
+        pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
+
+        def fetch(index: torch.Tensor, step: int):
+            return pool[index], pool_is_sensitive[index], None
+
+        method = "unsupervised" if train.method in ("oracle", "filter") else train.method
+        return fetch, num_unlabeled, num_sensitive, method
+
+    # ---------------------------------------------------------------------------------------------
 
     def train(self, resume: bool = False) -> TrainResult:
         cfg, accelerator = self.config, self.accelerator
@@ -308,13 +368,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             runs.atomic_write_json(self.run_dir / runs.CONFIG, cfg.to_dict())
         start_step = self._restore() if resume else 0
-        self.keep = None
-        if cfg.train.method == "filter":
-            # Every process computes the same seeded mask; only the main process writes it.
-            self.keep = filter_keep(cfg, self.split, self.run_dir, write=accelerator.is_main_process)
-        self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
+        self._prepare()
         device = accelerator.device
-        self.ema.to(device)
         # add_noise indexes alphas_cumprod by the timesteps: keep both on the device.
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
 
@@ -341,10 +396,8 @@ class Trainer:
         accelerator, train = self.accelerator, self.config.train
         device = accelerator.device
         unet, noise_scheduler = self.unet, self.noise_scheduler
-        pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(
-            self.split, train.method, self.keep
-        )
-        pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
+        fetch, num_unlabeled, num_sensitive, objective_method = self._batches()
+        trainable = self._trainable_parameters()
         batches = PUBatches(
             num_unlabeled,
             num_sensitive,
@@ -352,7 +405,6 @@ class Trainer:
             seed=train.seed * 1000,
             sensitive_per_batch=self.config.data.sensitive_per_batch if num_sensitive else None,
         )
-        objective_method = "unsupervised" if train.method in ("oracle", "filter") else train.method
         rank, world_size = accelerator.process_index, accelerator.num_processes
         # Data parallel: the objective's sums and counts are all-reduced, so it is the global batch's.
         reduce = CrossProcessSum() if world_size > 1 else None
@@ -361,7 +413,7 @@ class Trainer:
         tick_start, tick_steps, tick_skipped, nonfinite_run = time.perf_counter(), 0, 0, 0
         for step in range(start_step, train.steps):
             index = batches.indices(step, rank, world_size).to(device)
-            clean, is_sensitive = pool[index], pool_is_sensitive[index]
+            clean, is_sensitive, conditioning = fetch(index, step)
             # One generator per step: the noise of step k depends only on (seed, k), so a resumed
             # run draws exactly what an uninterrupted one would. Each process draws the noise and
             # timesteps of the whole global batch and keeps its block, as with the items: N
@@ -378,7 +430,9 @@ class Trainer:
                 device=device,
             )[mine]
             with accelerator.autocast():
-                per_sample_loss = per_sample_denoising_loss(unet, noise_scheduler, clean, noise, timesteps)
+                per_sample_loss = per_sample_denoising_loss(
+                    unet, noise_scheduler, clean, noise, timesteps, conditioning
+                )
             out = objective(
                 objective_method,
                 per_sample_loss,
@@ -388,7 +442,7 @@ class Trainer:
                 reduce=reduce,
             )
             accelerator.backward(out.loss)
-            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), train.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
             done = step + 1
             # A non-finite loss (or, without an fp16 grad scaler, which handles its own overflow,
             # a non-finite gradient) must never reach the weights: skip the update. The check is
@@ -398,7 +452,7 @@ class Trainer:
                 finite = finite & torch.isfinite(torch.as_tensor(grad_norm))
             if bool(finite):
                 self.optimizer.step()
-                update_ema(self.ema, accelerator.unwrap_model(unet), ema_decay_at(step, train.ema_decay))
+                self._update_ema(step)
                 tick_values.append(_tick_row(out, grad_norm))
                 nonfinite_run = 0
             else:
@@ -472,8 +526,8 @@ class Trainer:
         runs.save_checkpoint(
             self.run_dir,
             step,
-            model_state=self.accelerator.unwrap_model(self.unet).state_dict(),
-            ema_state=self.ema.state_dict(),
+            model_state=self._model_state(),
+            ema_state=self._ema_state(),
             trainer_state={
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),

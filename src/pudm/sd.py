@@ -1,0 +1,773 @@
+"""Stable Diffusion: PU fine-tuning of a text-to-image pipeline, full UNet or LoRA.
+
+The paper's headline experiment: Stable Diffusion 1.4 fine-tuned on U (images captioned "a photo
+of a middle aged man", some of them one specific person) and S (that person, captioned with their
+name), so that the prompt no longer produces them.
+
+Training runs on VAE latents (scaled by the VAE's own factor) with the text encoder and the VAE
+frozen; only the UNet learns, in full or through LoRA adapters (peft). The step, the objective,
+the non-finite guard, the checkpoints and the stop handling are those of
+:class:`pudm.training.Trainer`; :class:`SDTrainer` changes what a batch is (latents plus text
+embeddings as the UNet's conditioning) and what is saved: a complete ``StableDiffusionPipeline``
+folder (``RUN/pipeline``) or a standard LoRA file (``RUN/lora/pytorch_lora_weights.safetensors``)
+that ``StableDiffusionPipeline.load_lora_weights`` reads.
+
+Latents and text embeddings can be cached once (``cache=True``): the VAE's posterior (mean and
+standard deviation) of every image and the embedding of every distinct caption are computed
+before the first step, and each step draws a latent from the cached posterior with the same
+seeded noise an uncached step would use, so caching changes the cost, not the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pudm import runs
+from pudm.config import DEFAULT_SAMPLING_STEPS, SAMPLERS, TrainConfig
+from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
+from pudm.objectives import CORRECTIONS
+from pudm.training import Trainer, make_accelerator
+
+SD_KIND = "sd"
+SD_METHODS = ("unsupervised", "supervised", "pu")
+LORA_DIR = "lora"
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class SDError(ValueError):
+    """Bad Stable Diffusion input; the message names the problem and the fix."""
+
+
+@dataclass
+class SDDataConfig:
+    """The two image folders, their prompts and the training resolution."""
+
+    unlabeled: str = ""
+    sensitive: str | None = None
+    # The caption of every image that metadata.jsonl does not caption.
+    unlabeled_prompt: str | None = None
+    sensitive_prompt: str | None = None
+    resolution: int = 512
+    strict: bool = False
+    # name-and-size hashes of the folders: a resumed run refuses data that changed
+    fingerprints: dict = field(default_factory=dict)
+    num_unlabeled: int = 0
+    num_sensitive: int = 0
+    # None: batches drawn from the pooled U and S (the paper); k: exactly k S items per batch.
+    sensitive_per_batch: int | None = None
+
+
+@dataclass
+class SDModelConfig:
+    """Which pipeline, and what of its UNet trains."""
+
+    pretrained: str = ""
+    # 0: full fine-tuning of the UNet; R > 0: LoRA adapters of rank R on the attention projections
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    gradient_checkpointing: bool = False
+    # VAE posteriors and caption embeddings computed once before training
+    cache: bool = True
+    ema: bool = False
+    epochs: int | None = None
+
+
+@dataclass
+class SDSampleConfig:
+    """The end-of-run grid and the defaults of ``pudm sample`` for this run."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    prompts: tuple[str, ...] = ()
+    grid_size: int = 4
+
+
+def sd_train_defaults() -> TrainConfig:
+    """The paper's Stable Diffusion settings (batch 16, constant lr, beta 0.2)."""
+    return TrainConfig(
+        method="pu",
+        beta=0.2,
+        steps=1000,
+        batch_size=16,
+        learning_rate=1e-5,
+        warmup_steps=0,
+        lr_schedule="constant",
+        weight_decay=1e-2,
+        ema_decay=0.9999,
+        log_every=10,
+        checkpoint_every=500,
+    )
+
+
+def default_learning_rate(method: str) -> float:
+    """The paper: 1e-5 for pu, 1e-4 for the other methods."""
+    return 1e-5 if method == "pu" else 1e-4
+
+
+@dataclass
+class SDRunConfig:
+    kind: str = SD_KIND
+    data: SDDataConfig = field(default_factory=SDDataConfig)
+    model: SDModelConfig = field(default_factory=SDModelConfig)
+    train: TrainConfig = field(default_factory=sd_train_defaults)
+    sample: SDSampleConfig = field(default_factory=SDSampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @staticmethod
+    def normalize(values: dict[str, Any]) -> dict[str, Any]:
+        return SDRunConfig.from_dict(values).to_dict()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SDRunConfig:
+        if values.get("kind") != SD_KIND:
+            raise SDError("config.json is not a Stable Diffusion run's (pudm sd): check the folder")
+
+        def build(kind: type, section: dict[str, Any]) -> Any:
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(section) - names
+            if unknown:
+                raise SDError(f"unknown {kind.__name__} fields {sorted(unknown)}")
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+
+        return cls(
+            data=build(SDDataConfig, values.get("data", {})),
+            model=build(SDModelConfig, values.get("model", {})),
+            train=build(TrainConfig, values.get("train", {})),
+            sample=build(SDSampleConfig, values.get("sample", {})),
+        )
+
+    @property
+    def lora(self) -> bool:
+        return self.model.lora_rank > 0
+
+    def validate(self) -> None:
+        """Check what a user can set; raise SDError naming the flag and the fix."""
+        data, model, train, sample = self.data, self.model, self.train, self.sample
+        if train.method not in SD_METHODS:
+            raise SDError(f"unknown method {train.method!r}; choose one of {', '.join(SD_METHODS)}")
+        if train.correction not in CORRECTIONS:
+            raise SDError(f"unknown correction {train.correction!r}; choose one of {', '.join(CORRECTIONS)}")
+        if not 0.0 <= train.beta < 1.0:
+            raise SDError(f"--beta must be in [0, 1), got {train.beta}")
+        if not model.pretrained:
+            raise SDError("--pretrained is required: a local Stable Diffusion folder or a hub id")
+        if not data.unlabeled:
+            raise SDError("--unlabeled is required: a folder of images")
+        if train.method != "unsupervised" and not data.sensitive:
+            raise SDError(f"method {train.method} needs --sensitive DIR (the labeled sensitive images)")
+        positive = {
+            "--resolution": data.resolution,
+            "--batch-size": train.batch_size,
+            "--steps": train.steps,
+            "--log-every": train.log_every,
+            "--checkpoint-every": train.checkpoint_every,
+            "--keep-checkpoints": train.keep_checkpoints,
+            "--max-nonfinite-steps": train.max_nonfinite_steps,
+            "--sample-steps": sample.steps,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise SDError(f"{name} must be > 0, got {value}")
+        if data.resolution % 8:
+            raise SDError(f"--resolution must be a multiple of 8 (the VAE's factor), got {data.resolution}")
+        if model.lora_rank < 0:
+            raise SDError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {model.lora_rank}")
+        if model.epochs is not None and model.epochs <= 0:
+            raise SDError(f"--epochs must be > 0, got {model.epochs}")
+        if train.learning_rate <= 0:
+            raise SDError(f"--lr must be > 0, got {train.learning_rate}")
+        if not 0.0 <= train.ema_decay < 1.0:
+            raise SDError(f"--ema-decay must be in [0, 1), got {train.ema_decay}")
+        if train.mixed_precision not in WEIGHT_DTYPES:
+            raise SDError(f"--mixed-precision must be no, fp16 or bf16, got {train.mixed_precision!r}")
+        if sample.sampler not in SAMPLERS:
+            raise SDError(f"unknown sampler {sample.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if sample.grid_size < 0:
+            raise SDError(f"--grid-size must be >= 0, got {sample.grid_size}")
+
+
+def is_sd_run(run_dir: Path) -> bool:
+    path = Path(run_dir) / runs.CONFIG
+    if not path.is_file():
+        return False
+    try:
+        return runs.read_json(path).get("kind") == SD_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_run_config(run_dir: Path) -> SDRunConfig:
+    return SDRunConfig.from_dict(runs.read_json(Path(run_dir) / runs.CONFIG))
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextImageData:
+    """U and S as uint8 pixels with a caption each (an index into ``captions``)."""
+
+    unlabeled: FolderImages
+    sensitive: FolderImages | None
+    captions: list[str]
+    unlabeled_caption: torch.Tensor
+    sensitive_caption: torch.Tensor
+
+    def skipped(self) -> list[tuple[Path, str]]:
+        return self.unlabeled.skipped + (self.sensitive.skipped if self.sensitive else [])
+
+
+def _captioned(images: FolderImages, prompt: str | None, flag: str, captions: list[str]) -> torch.Tensor:
+    given = read_captions(images.root, flag)
+    index = []
+    for name in images.relative_names():
+        text = given.get(name, prompt)
+        if text is None:
+            raise SDError(
+                f"{flag}: {name} has no caption: give {flag}-prompt TEXT or a metadata.jsonl line "
+                '{"file_name": ..., "text": ...} for it'
+            )
+        if text not in captions:
+            captions.append(text)
+        index.append(captions.index(text))
+    return torch.tensor(index, dtype=torch.long)
+
+
+def load_text_images(data: SDDataConfig, need_sensitive: bool) -> TextImageData:
+    """Read both folders at the training resolution (RGB) and attach a caption to every image."""
+    unlabeled = load_folder(Path(data.unlabeled), data.resolution, 3, data.strict, "--unlabeled")
+    sensitive = None
+    if need_sensitive:
+        sensitive = load_folder(Path(data.sensitive), data.resolution, 3, data.strict, "--sensitive")
+    captions: list[str] = []
+    unlabeled_caption = _captioned(unlabeled, data.unlabeled_prompt, "--unlabeled", captions)
+    sensitive_caption = torch.zeros(0, dtype=torch.long)
+    if sensitive is not None:
+        sensitive_caption = _captioned(sensitive, data.sensitive_prompt, "--sensitive", captions)
+    return TextImageData(unlabeled, sensitive, captions, unlabeled_caption, sensitive_caption)
+
+
+def data_fingerprints(data: TextImageData) -> dict[str, str]:
+    found = {"unlabeled": fingerprint(data.unlabeled.files, data.unlabeled.root)}
+    if data.sensitive is not None:
+        found["sensitive"] = fingerprint(data.sensitive.files, data.sensitive.root)
+    return found
+
+
+def resolve_steps(config: SDRunConfig, data: TextImageData, num_processes: int = 1) -> None:
+    """``--epochs E``: E passes over the training pool (U, plus S for methods that use it)."""
+    if config.model.epochs is None:
+        return
+    pool = len(data.unlabeled.files)
+    if config.train.method != "unsupervised" and data.sensitive is not None:
+        pool += len(data.sensitive.files)
+    per_step = config.train.batch_size * num_processes
+    config.train.steps = config.model.epochs * math.ceil(pool / per_step)
+
+
+# -- the pipeline's parts ----------------------------------------------------------------------
+
+
+def _check_pretrained(pretrained: str) -> None:
+    path = Path(pretrained)
+    if path.exists():
+        if not (path / "model_index.json").is_file() and not (path / "unet").is_dir():
+            raise SDError(
+                f"--pretrained {pretrained} is not a diffusers Stable Diffusion folder (model_index.json, "
+                "unet/, vae/, text_encoder/, tokenizer/, scheduler/): check the path"
+            )
+        return
+    if not _HUB_ID.match(pretrained):
+        raise SDError(f"--pretrained {pretrained} does not exist: give a local pipeline folder or a hub id")
+
+
+# What a Stable Diffusion pipeline needs from a hub repository: configs, tokenizer files and the
+# safetensors weights (no pickled .bin/.ckpt files, no code).
+HUB_FILES = [
+    "model_index.json",
+    "*/*.json",
+    "*/*.txt",
+    "*/diffusion_pytorch_model.safetensors",
+    "*/model.safetensors",
+]
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """A local folder for ``pretrained``: itself, or the hub snapshot (cached, else downloaded)."""
+    _check_pretrained(pretrained)
+    if Path(pretrained).exists():
+        return pretrained
+    from huggingface_hub import snapshot_download
+
+    quiet_libraries()
+    try:
+        return snapshot_download(pretrained, allow_patterns=HUB_FILES, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache: download it
+        pass
+    try:
+        return snapshot_download(pretrained, allow_patterns=HUB_FILES)
+    except Exception as error:  # noqa: BLE001 - offline, unknown repo, gated repo
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise SDError(
+            f"--pretrained {pretrained} could not be downloaded ({type(error).__name__}: {reason}): "
+            f"download it where there is internet (huggingface-cli download {pretrained}) and pass the "
+            "local folder"
+        ) from None
+
+
+def _loading(pretrained: str, what: str, load):
+    try:
+        return load()
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        local = Path(pretrained).exists()
+        fix = (
+            "check that the folder is a complete Stable Diffusion pipeline with safetensors weights"
+            if local
+            else "download it where there is internet (huggingface-cli download "
+            f"{pretrained}) and pass the local folder"
+        )
+        raise SDError(
+            f"--pretrained {pretrained}: the {what} could not be loaded ({reason}): {fix}"
+        ) from None
+
+
+@dataclass
+class SDParts:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    noise_scheduler: Any
+
+
+def quiet_libraries() -> None:
+    """No download bars or informational warnings from diffusers and transformers."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+
+
+def load_parts(pretrained: str) -> SDParts:
+    """The UNet, VAE, text encoder, tokenizer and DDPM training schedule of a pipeline.
+
+    Weights come from safetensors files only, and no code from the model folder runs.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    quiet_libraries()
+    pretrained = resolve_pretrained(pretrained)
+    safe = {"use_safetensors": True}
+    return SDParts(
+        unet=_loading(
+            pretrained,
+            "UNet",
+            lambda: UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **safe),
+        ),
+        vae=_loading(
+            pretrained, "VAE", lambda: AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **safe)
+        ),
+        text_encoder=_loading(
+            pretrained,
+            "text encoder",
+            lambda: CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **safe),
+        ),
+        tokenizer=_loading(
+            pretrained, "tokenizer", lambda: CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer")
+        ),
+        # The pipeline's own noise schedule (betas, prediction type), stepped as DDPM in training.
+        noise_scheduler=_loading(
+            pretrained, "scheduler", lambda: DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler")
+        ),
+    )
+
+
+def add_lora(unet: torch.nn.Module, model: SDModelConfig) -> None:
+    """Freeze the UNet and add trainable LoRA adapters (peft) to its attention projections."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=model.lora_rank,
+            lora_alpha=model.lora_alpha or model.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=list(model.lora_targets),
+        )
+    )
+
+
+def latents_from_posterior(vae, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """A draw from the VAE posterior, shifted and scaled by the VAE's own factors."""
+    latents = mean + std * noise
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
+    return latents * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_posterior(vae, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and standard deviation (float32) of uint8 (N, 3, H, W) pixels."""
+    means, stds = [], []
+    dtype, device = vae.dtype, vae.device
+    for start in range(0, len(pixels), batch_size):
+        chunk = pixels[start : start + batch_size].to(device).float() / 127.5 - 1.0
+        posterior = vae.encode(chunk.to(dtype)).latent_dist
+        means.append(posterior.mean.float())
+        stds.append(posterior.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings (last hidden state) of ``prompts``, float32, shape (P, tokens, dim)."""
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    return text_encoder(tokens)[0].float()
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+class SDTrainer(Trainer):
+    """:class:`pudm.training.Trainer` on a Stable Diffusion UNet: same step, other batches and saves."""
+
+    def __init__(
+        self,
+        config: SDRunConfig,
+        data: TextImageData,
+        run_dir: Path,
+        accelerator=None,
+        show_progress: bool = True,
+        parts: SDParts | None = None,
+    ):
+        config.validate()
+        self.config = config
+        self.data = data
+        self.parts = parts
+        self.run_dir = Path(run_dir)
+        self.accelerator = accelerator or make_accelerator(config.train.mixed_precision)
+        self.show_progress = show_progress
+        self.last_metrics: dict[str, float] = {}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "unlabeled": len(self.data.unlabeled.files),
+            "sensitive": len(self.data.sensitive.files) if self.data.sensitive else 0,
+            "captions": self.data.captions,
+            "skipped_files": [str(path) for path, _ in self.data.skipped()],
+        }
+
+    def _build(self) -> None:
+        from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+        cfg = self.config
+        parts = self.parts or load_parts(cfg.model.pretrained)
+        self.parts = None  # the trainer owns the modules from here on
+        device = self.accelerator.device
+        weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+        self.vae = parts.vae.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+        self.text_encoder = parts.text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
+        self.tokenizer = parts.tokenizer
+        self.noise_scheduler = parts.noise_scheduler
+        unet = parts.unet
+        if cfg.lora:
+            # The frozen base in the autocast dtype, the adapters in float32 (as diffusers' LoRA
+            # scripts): half the base's memory, full-precision updates.
+            unet.to(device, dtype=weight_dtype)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)
+                add_lora(unet, cfg.model)
+            for parameter in unet.parameters():
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+        else:
+            unet.to(device).requires_grad_(True)
+        if cfg.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.unet = unet
+        trainable = self._named_trainable(unet)
+        self.ema = (
+            {name: p.detach().clone().float() for name, p in trainable.items()} if cfg.model.ema else None
+        )
+        self.optimizer = torch.optim.AdamW(
+            trainable.values(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+        )
+        if cfg.train.lr_schedule == "cosine":
+            self.lr_scheduler = get_cosine_schedule_with_warmup(
+                self.optimizer, cfg.train.warmup_steps, cfg.train.steps
+            )
+        else:
+            self.lr_scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.train.warmup_steps)
+
+    @staticmethod
+    def _named_trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in unet.named_parameters() if p.requires_grad}
+
+    def _config_matches(self, stored: dict) -> bool:
+        try:
+            return SDRunConfig.normalize(stored) == self.config.to_dict()
+        except SDError:
+            return False
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        return self._named_trainable(self.accelerator.unwrap_model(self.unet))
+
+    def _ema_state(self) -> dict[str, torch.Tensor]:
+        return self.ema or {}
+
+    def _load_states(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
+        trainable = self._named_trainable(self.unet)
+        if set(model) != set(trainable) or (self.ema is not None and set(ema) != set(trainable)):
+            raise runs.RunError(
+                f"the checkpoints in {self.run_dir} do not fit this model: start again with --overwrite"
+            )
+        with torch.no_grad():
+            for name, parameter in trainable.items():
+                parameter.copy_(model[name])
+            if self.ema is not None:
+                for name, tensor in self.ema.items():
+                    tensor.copy_(ema[name])
+
+    def _update_ema(self, step: int) -> None:
+        if self.ema is None:
+            return
+        from pudm.training import ema_decay_at
+
+        decay = ema_decay_at(step, self.config.train.ema_decay)
+        current = self._named_trainable(self.accelerator.unwrap_model(self.unet))
+        names = list(self.ema)
+        with torch.no_grad():
+            torch._foreach_lerp_(
+                [self.ema[n] for n in names], [current[n].detach().float() for n in names], 1 - decay
+            )
+
+    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self._named_trainable(self.accelerator.unwrap_model(self.unet)).values())
+
+    def _prepare(self) -> None:
+        self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+        if self.ema is not None:
+            self.ema = {name: tensor.to(self.accelerator.device) for name, tensor in self.ema.items()}
+
+    def _batches(self):
+        cfg, data, accelerator = self.config, self.data, self.accelerator
+        device = accelerator.device
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        uses_sensitive = cfg.train.method != "unsupervised"
+        pixels = data.unlabeled.images
+        caption = data.unlabeled_caption
+        num_unlabeled, num_sensitive = len(pixels), 0
+        if uses_sensitive:
+            pixels = torch.cat([pixels, data.sensitive.images])
+            caption = torch.cat([caption, data.sensitive_caption])
+            num_sensitive = len(data.sensitive.images)
+        is_sensitive = torch.arange(len(pixels)) >= num_unlabeled
+        is_sensitive, caption = is_sensitive.to(device), caption.to(device)
+        latent_shape = None
+        if cfg.model.cache:
+            mean, std = encode_posterior(self.vae, pixels)
+            embeddings = encode_prompts(self.tokenizer, self.text_encoder, data.captions)
+            latent_shape = mean.shape[1:]
+        else:
+            tokens = self.tokenizer(
+                data.captions,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
+            with torch.no_grad():
+                probe = self.vae.encode(pixels[:1].to(device, self.vae.dtype) / 127.5 - 1.0).latent_dist
+            latent_shape = probe.mean.shape[1:]
+        batch = cfg.train.batch_size
+        mine = slice(rank * batch, (rank + 1) * batch)
+
+        def fetch(index: torch.Tensor, step: int):
+            # The latent's own draw from the posterior: seeded by (seed, step), the global batch's
+            # noise cut to this process's block, so cached and uncached runs draw the same.
+            generator = torch.Generator(device=device).manual_seed(
+                (cfg.train.seed * 1_000_003 + step) * 64 + 1
+            )
+            draw = torch.randn((world_size * len(index), *latent_shape), generator=generator, device=device)
+            draw = draw[mine][: len(index)]
+            if cfg.model.cache:
+                item_mean, item_std = mean[index.to(mean.device)], std[index.to(std.device)]
+                conditioning = embeddings[caption[index]]
+            else:
+                item_mean, item_std = encode_posterior(self.vae, pixels[index.cpu()], batch_size=len(index))
+                with torch.no_grad():
+                    conditioning = self.text_encoder(tokens[caption[index]])[0].float()
+            latents = latents_from_posterior(self.vae, item_mean, item_std, draw)
+            return latents, is_sensitive[index], {"encoder_hidden_states": conditioning}
+
+        return fetch, num_unlabeled, num_sensitive, cfg.train.method
+
+    def _finish(self) -> None:
+        """The final (EMA) weights as a pipeline folder or a LoRA file, a sample grid, summary.json."""
+        cfg = self.config
+        unet = copy.deepcopy(self.accelerator.unwrap_model(self.unet)).to("cpu")
+        if self.ema is not None:
+            trainable = self._named_trainable(unet)
+            with torch.no_grad():
+                for name, tensor in self.ema.items():
+                    trainable[name].copy_(tensor.to(trainable[name].dtype))
+        if cfg.model.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        if cfg.lora:
+            runs.atomic_write_dir(self.run_dir / LORA_DIR, lambda tmp: save_lora(unet, tmp))
+        else:
+            runs.atomic_write_dir(
+                self.run_dir / "pipeline", lambda tmp: save_full_pipeline(cfg.model.pretrained, unet, tmp)
+            )
+        if cfg.sample.grid_size:
+            from pudm.sampling import save_grid
+
+            pipeline = load_run_pipeline(self.run_dir, device=self.accelerator.device)
+            prompts = list(cfg.sample.prompts) or [self.data.captions[int(self.data.unlabeled_caption[0])]]
+            images = np.concatenate(
+                [
+                    generate_sd(
+                        pipeline,
+                        prompt,
+                        num=cfg.sample.grid_size,
+                        sampler=cfg.sample.sampler,
+                        steps=cfg.sample.steps,
+                        guidance_scale=cfg.sample.guidance_scale,
+                        seed=cfg.train.seed,
+                        resolution=cfg.data.resolution,
+                    )
+                    for prompt in prompts
+                ]
+            )
+            save_grid(images, self.run_dir / "samples.png", columns=cfg.sample.grid_size, scale=1)
+        runs.atomic_write_json(
+            self.run_dir / runs.SUMMARY,
+            {"steps": cfg.train.steps, "final_metrics": self.last_metrics, "data": self.summary()},
+        )
+
+
+def save_lora(unet: torch.nn.Module, folder: Path) -> None:
+    """The UNet's LoRA adapters as diffusers' standard LoRA file (``load_lora_weights`` reads it)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers={k: v.float().contiguous() for k, v in layers.items()},
+        safe_serialization=True,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+    )
+
+
+def save_full_pipeline(pretrained: str, unet: torch.nn.Module, folder: Path) -> None:
+    """The pretrained pipeline with the fine-tuned UNet, as a complete diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    pretrained = resolve_pretrained(pretrained)
+    pipeline = _loading(
+        pretrained,
+        "pipeline",
+        lambda: StableDiffusionPipeline.from_pretrained(pretrained, unet=unet.float(), use_safetensors=True),
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def load_run_pipeline(run_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+    """The pipeline a ``pudm sd`` run produced: its full folder, or the base with its LoRA loaded."""
+    from diffusers import StableDiffusionPipeline
+
+    quiet_libraries()
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    options = {"use_safetensors": True}
+    if dtype is not None:
+        options["torch_dtype"] = dtype
+    if config.lora:
+        if not (run_dir / LORA_DIR).is_dir():
+            raise SDError(
+                f"{run_dir} has no {LORA_DIR}/ yet (the run did not finish): pudm sd --resume --out {run_dir}"
+            )
+        base = resolve_pretrained(config.model.pretrained)
+        pipeline = _loading(
+            config.model.pretrained,
+            "pipeline",
+            lambda: StableDiffusionPipeline.from_pretrained(base, **options),
+        )
+        pipeline.load_lora_weights(run_dir / LORA_DIR)
+    else:
+        if not (run_dir / "pipeline" / "model_index.json").is_file():
+            raise SDError(
+                f"{run_dir} has no pipeline/ yet (the run did not finish): pudm sd --resume --out {run_dir}"
+            )
+        pipeline = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline", **options)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+@torch.no_grad()
+def generate_sd(
+    pipeline,
+    prompt: str,
+    num: int,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    guidance_scale: float = 7.5,
+    seed: int = 0,
+    batch_size: int = 8,
+    resolution: int | None = None,
+) -> np.ndarray:
+    """``num`` images of ``prompt`` as uint8 (N, H, W, 3); batch ``i`` is seeded with ``seed + i``."""
+    from pudm.models import sampler_scheduler
+
+    if num <= 0:
+        raise SDError(f"--num must be > 0, got {num}")
+    steps = steps or DEFAULT_SAMPLING_STEPS[sampler]
+    pipeline.scheduler = sampler_scheduler(sampler, pipeline.scheduler.config)
+    batches = []
+    for i, start in enumerate(range(0, num, batch_size)):
+        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        output = pipeline(
+            [prompt] * min(batch_size, num - start),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            height=resolution,
+            width=resolution,
+            output_type="np",
+        )
+        batches.append(output.images)
+    images = np.concatenate(batches)
+    return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
