@@ -161,3 +161,50 @@ def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batc
     reference = _unet(one)
     for name, value in _unet(two).items():
         torch.testing.assert_close(value, reference[name], rtol=0, atol=2e-4)
+
+
+def test_pudm_sd_lora_two_processes_matches_one_process(tmp_path):
+    """The Stable Diffusion trainer shares the loop: DDP over peft adapters, latents and text
+    conditioning cut per process, equals one process with the global batch."""
+    from tiny_sd import write_text_image_folder, write_tiny_sd
+
+    write_tiny_sd(tmp_path / "base")
+    write_text_image_folder(tmp_path / "U", 12, seed=0)
+    write_text_image_folder(tmp_path / "S", 4, seed=1, captions=["a photo of brad pitt"] * 4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "pudm"]
+    args = ["sd", "--pretrained", str(tmp_path / "base"), "--unlabeled", str(tmp_path / "U")]
+    args += ["--sensitive", str(tmp_path / "S"), "--unlabeled-prompt", "a photo of a middle aged man"]
+    args += ["--resolution", "16", "--steps", "4", "--log-every", "2", "--lora-rank", "2", "--lr", "1e-2"]
+    args += ["--grid-size", "0", "--quiet"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    done = subprocess.run(
+        [*launch, *args, "--out", str(two), "--batch-size", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stderr, "the launch must really be data-parallel"
+    single = subprocess.run(
+        [sys.executable, "-m", "pudm", *args, "--out", str(one), "--batch-size", "4"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    lines = [
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)
+    ]
+    assert [m["step"] for m in lines[0]] == [2, 4]
+    for a, b in zip(*lines, strict=True):
+        for key in ("loss", "bracket", "mean_unlabeled_loss", "mean_sensitive_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    mine = load_file(two / "lora" / "pytorch_lora_weights.safetensors")
+    theirs = load_file(one / "lora" / "pytorch_lora_weights.safetensors")
+    for name, value in theirs.items():
+        torch.testing.assert_close(mine[name], value, rtol=0, atol=1e-4)

@@ -484,8 +484,9 @@ def command_sd(args: argparse.Namespace) -> int:
         print(
             f"pudm sd: {config.model.pretrained}, {mode}, method {config.train.method}, beta "
             f"{config.train.beta}, U {config.data.num_unlabeled}, S {config.data.num_sensitive}, "
-            f"{len(data.captions)} caption(s), {config.data.resolution} px, {config.train.steps} steps "
-            f"-> {args.out}",
+            f"{len(data.captions)} caption(s), {config.data.resolution} px, {config.train.steps} steps"
+            + (f", {state.num_processes} processes" if state.num_processes > 1 else "")
+            + f" -> {args.out}",
             file=sys.stderr,
         )
     state.wait_for_everyone()
