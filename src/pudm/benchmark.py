@@ -75,8 +75,21 @@ def plan_cells(
     return cells
 
 
-def cell_config(preset_name: str, cell: Cell, steps: int | None) -> RunConfig:
+def cell_config(
+    preset_name: str,
+    cell: Cell,
+    steps: int | None,
+    pretrained: str | None = None,
+    learning_rate: float | None = None,
+) -> RunConfig:
     config = preset(preset_name)
+    if pretrained:
+        from pudm.models import pretrained_model_config
+
+        config.model = pretrained_model_config(pretrained)
+        config.sample.sampler, config.sample.steps = "ddim", 50  # the paper's fine-tuning sampler
+    if learning_rate is not None:
+        config.train.learning_rate = learning_rate
     config.train.method = cell.method
     config.train.seed = cell.seed
     if cell.beta is not None and cell.beta != "auto":
@@ -159,6 +172,16 @@ def summarise(cells: list[Cell], evals: dict[str, dict]) -> list[dict]:
     return list(rows.values())
 
 
+def _before_row(result: dict) -> dict:
+    """The pretrained model's row: one evaluation, no seeds to average."""
+    row = {"label": "pretrained (before fine-tuning)", "method": "pretrained", "beta": None, "seeds": [0]}
+    row["cells"] = []
+    for key in ("non_sensitive_rate", "fid_classifier"):
+        row[f"{key}_mean"], row[f"{key}_std"] = result[key], 0.0
+        row[f"{key}_per_seed"] = [result[key]]
+    return row
+
+
 def markdown_table(rows: list[dict], num: int, sampler: str, steps: int) -> str:
     lines = [
         f"| method | seeds | non-sensitive rate | {FID_CLASSIFIER} |",
@@ -192,12 +215,18 @@ def run_benchmark(
     sample_steps: int | None = None,
     show_progress: bool = True,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    pretrained: str | None = None,
+    learning_rate: float | None = None,
 ) -> dict:
+    """Train and evaluate every cell. With ``pretrained``, every cell fine-tunes that pipeline, and
+    when it is a finished pudm run it is evaluated too, as the row before fine-tuning."""
     out = Path(out)
     if num <= 0:
         raise ValueError(f"--num must be > 0, got {num}")
     cells = plan_cells(methods, seeds, betas)
-    configs = {cell.name: cell_config(preset_name, cell, steps) for cell in cells}
+    if pretrained and Path(pretrained).exists():
+        pretrained = str(Path(pretrained).resolve())
+    configs = {cell.name: cell_config(preset_name, cell, steps, pretrained, learning_rate) for cell in cells}
     first = configs[cells[0].name]
     sampler = sampler or first.sample.sampler
     sample_steps = sample_steps or (
@@ -230,6 +259,22 @@ def run_benchmark(
         "fingerprint": classifier.fingerprint(),
     }
     evals: dict[str, dict] = {}
+    before = None
+    if pretrained and runs.is_complete(Path(pretrained)):
+        log(f"[before] {pretrained}")
+        before = _reusable_eval(Path(pretrained), settings) or evaluate_run(
+            Path(pretrained),
+            classifier,
+            num=num,
+            sampler=sampler,
+            steps=sample_steps,
+            seed=0,
+            show_progress=show_progress,
+        )
+        log(
+            f"    non-sensitive rate {before['non_sensitive_rate']:.3f}, "
+            f"{FID_CLASSIFIER} {before['fid_classifier']:.2f}"
+        )
     for index, cell in enumerate(cells, 1):
         run_dir = out / "runs" / cell.name
         log(f"[{index}/{len(cells)}] {cell.name}")
@@ -258,6 +303,8 @@ def run_benchmark(
         )
 
     rows = summarise(cells, evals)
+    if before is not None:
+        rows.insert(0, _before_row(before))
     table = markdown_table(rows, num, sampler, sample_steps)
     results = {
         "preset": preset_name,
@@ -265,6 +312,7 @@ def run_benchmark(
         "seeds": list(seeds),
         "betas": list(betas) if betas else None,
         "training_steps": first.train.steps,
+        "pretrained": pretrained,
         **{k: v for k, v in settings.items() if k != "fingerprint"},
         "classifier": {
             "path": str(classifier.path),

@@ -354,14 +354,18 @@ def train_for_config(
     from pudm.data import load_source
 
     data = config.data
-    source = load_source(data.source, data.image_size, data.channels)
-    if source.labels is None:
+    if data.source == "folders":
         raise ValueError(
-            f"data source {data.source!r} has no class labels: an evaluation classifier needs them"
+            "image folders have no class labels: train a folder classifier with "
+            "pudm classifier train --normal DIR --sensitive DIR"
         )
+    source = load_source(data.source, data.image_size, data.channels, data.data_dir, data.download)
+    # Large sources: a seeded random subset of about 1 GiB of float32 images.
+    limit = max(1000, (1 << 28) // (data.channels * data.image_size**2))
+    images, labels = source.all_images(limit=limit, seed=(fit_config or FitConfig()).seed)
     return train_classifier(
-        source.images,
-        source.labels,
+        images,
+        labels,
         arch=arch,
         source=data.source,
         normal_classes=tuple(data.normal_classes),

@@ -48,9 +48,19 @@ TRAIN_OVERRIDES = {
     "keep_checkpoints": ("train", "keep_checkpoints"),
     "max_nonfinite_steps": ("train", "max_nonfinite_steps"),
     "num_sensitive": ("data", "num_sensitive"),
+    "num_unlabeled_normal": ("data", "num_unlabeled_normal"),
+    "num_unlabeled_sensitive": ("data", "num_unlabeled_sensitive"),
+    "num_test": ("data", "num_test"),
     "sensitive_per_batch": ("data", "sensitive_per_batch"),
     "split_seed": ("data", "split_seed"),
     "image_size": ("data", "image_size"),
+    "channels": ("data", "channels"),
+    "data_dir": ("data", "data_dir"),
+    "download": ("data", "download"),
+    "unlabeled": ("data", "unlabeled_dir"),
+    "sensitive": ("data", "sensitive_dir"),
+    "test": ("data", "test_dir"),
+    "strict": ("data", "strict"),
     "prediction_type": ("model", "prediction_type"),
     "sampler": ("sample", "sampler"),
     "sample_steps": ("sample", "steps"),
@@ -65,12 +75,33 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     data = parser.add_argument_group("data")
     data.add_argument(
         "--preset",
-        default="digits_even",
-        help=f"named settings: {', '.join(sorted(PRESETS))} (default: digits_even)",
+        help=f"named settings: {', '.join(PRESETS)} (default: digits_even)",
     )
     data.add_argument("--num-sensitive", type=int, help="size of the labeled sensitive set S")
+    data.add_argument("--num-unlabeled-normal", type=int, help="normal items in U (labeled sources)")
+    data.add_argument(
+        "--num-unlabeled-sensitive", type=int, help="sensitive items hidden in U (labeled sources)"
+    )
+    data.add_argument("--num-test", type=int, help="normal test images for FID (labeled sources)")
     data.add_argument("--split-seed", type=int, help="seed of the U/S/test split (default 0)")
     data.add_argument("--image-size", type=int, help="resize images to this many pixels a side")
+    data.add_argument("--channels", type=int, choices=(1, 3), help="grey (1) or RGB (3)")
+    data.add_argument(
+        "--data-dir", type=Path, help="where the paper data sets' files are (default ~/.cache/pudm/datasets)"
+    )
+    data.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        default=None,
+        help="never download a missing paper data set; fail with the files to put in --data-dir",
+    )
+    data.add_argument(
+        "--unlabeled", type=Path, help="image folder of U (recursive; implies --preset folders)"
+    )
+    data.add_argument("--sensitive", type=Path, help="image folder of S, the labeled sensitive images")
+    data.add_argument("--test", type=Path, help="image folder of normal test images (for FID; optional)")
+    data.add_argument("--strict", action="store_true", default=None, help="stop at an unreadable image file")
     return data
 
 
@@ -100,6 +131,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--model", choices=sorted(MODEL_PRESETS), help="UNet preset (default small)")
+    optim.add_argument(
+        "--pretrained",
+        help="fine-tune this DDPM/DDIM pipeline (folder, pudm run or hub id) instead of a new UNet",
+    )
+    optim.add_argument(
+        "--class-conditional",
+        action="store_true",
+        help="a class-conditional UNet: each item's class label conditions it (labeled data only)",
+    )
     optim.add_argument(
         "--prediction-type",
         choices=PREDICTION_TYPES,
@@ -145,7 +185,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """The preset with every flag the user gave applied, validated."""
-    config = preset(args.preset or "digits_even")
+    folder_flags = [f for f in ("unlabeled", "sensitive", "test") if getattr(args, f, None) is not None]
+    name = args.preset or ("folders" if folder_flags else "digits_even")
+    config = preset(name)
+    if folder_flags and config.data.source != "folders":
+        raise UsageError(
+            f"--{folder_flags[0]} gives image folders, and preset {config.preset} brings its own data: "
+            "drop --preset (or use --preset folders)"
+        )
     if getattr(args, "model", None) is not None:
         # A model preset sets the architecture; the preset's prediction type stays unless overridden.
         prediction_type = config.model.prediction_type
@@ -154,9 +201,40 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     for flag, (section, field) in TRAIN_OVERRIDES.items():
         value = getattr(args, flag, None)
         if value is not None and not (flag == "beta" and value == AUTO):
+            if isinstance(value, Path):
+                value = str(value.resolve())  # the run can be resumed from anywhere
             setattr(getattr(config, section), field, value)
+    if getattr(args, "class_conditional", False):
+        from pudm.data import num_classes
+
+        config.model.num_classes = num_classes(config.data.source)
+    pretrained = getattr(args, "pretrained", None) or config.model.pretrained
+    if pretrained:
+        _use_pretrained(config, pretrained, args)
     config.validate()
     return config
+
+
+def _use_pretrained(config: RunConfig, pretrained: str, args: argparse.Namespace) -> None:
+    """Fine-tuning: the model section describes the pretrained UNet; DDIM 50 samples, as the paper."""
+    from pudm.models import pretrained_model_config
+
+    if Path(pretrained).exists():
+        pretrained = str(Path(pretrained).resolve())
+    wanted_classes = config.model.num_classes
+    config.model = pretrained_model_config(pretrained)
+    if wanted_classes and config.model.num_classes != wanted_classes:
+        raise UsageError(
+            f"--class-conditional: --pretrained {pretrained} has no class embedding for {wanted_classes} "
+            "classes: fine-tune it without --class-conditional"
+        )
+    if getattr(args, "prediction_type", None) not in (None, config.model.prediction_type):
+        raise UsageError(
+            f"--prediction-type: --pretrained {pretrained} predicts {config.model.prediction_type}: "
+            "drop the flag"
+        )
+    if getattr(args, "sampler", None) is None:
+        config.sample.sampler, config.sample.steps = "ddim", args.sample_steps or 50
 
 
 AUTO = "auto"
@@ -197,7 +275,14 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
         wanted = model_preset(args.model)
         if wanted.block_out_channels != config.model.block_out_channels:
             raise UsageError(f"--resume: {args.out} was not trained with --model {args.model}: drop --model")
-    if args.preset is not None and args.preset != config.preset:
+    if args.pretrained is not None:
+        stored = config.model.pretrained
+        given = str(Path(args.pretrained).resolve()) if Path(args.pretrained).exists() else args.pretrained
+        if given != stored:
+            raise UsageError(
+                f"--resume: {args.out} was fine-tuned from {stored}, not {given}: drop --pretrained"
+            )
+    if args.preset is not None and args.preset.lower() != config.preset.lower():
         raise UsageError(f"--resume: {args.out} is a {config.preset} run, not {args.preset}: drop --preset")
     return config
 
@@ -220,8 +305,10 @@ def command_train(args: argparse.Namespace) -> int:
 
     _prepare_out(args)
     config = _resume_config(args) if args.resume else resolve_config(args)
-    split = split_from_config(config)
+    split = split_from_config(config, report=lambda message: print(f"pudm train: {message}", file=sys.stderr))
     check_method_fits_data(config.train.method, split)
+    if config.model.num_classes and split.unlabeled_labels is None:
+        raise UsageError("--class-conditional needs class labels for U and S, and this data has none")
     if args.beta == AUTO and not args.resume:
         if config.train.method not in ("pu", "filter"):
             raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
@@ -247,7 +334,13 @@ def command_train(args: argparse.Namespace) -> int:
         processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
         print(
             f"pudm train: {config.preset}, method {config.train.method}, beta {config.train.beta}, "
-            f"U {summary['unlabeled']} (hidden sensitive {summary['unlabeled_sensitive']}), "
+            f"U {summary['unlabeled']}"
+            + (
+                f" (hidden sensitive {summary['unlabeled_sensitive']})"
+                if summary["unlabeled_sensitive"] is not None
+                else ""
+            )
+            + ", "
             f"S {summary['sensitive']}, {config.train.steps} steps{processes} -> {args.out}",
             file=sys.stderr,
         )
@@ -300,11 +393,34 @@ def command_sample(args: argparse.Namespace) -> int:
     sampler = args.sampler or defaults.sampler
     steps = args.steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))
     pipeline = load_pipeline(pipeline_dir)
+    labels = _class_labels(args, pipeline.unet)
     images = generate(
-        pipeline.unet, pipeline.scheduler.config, num=args.num, sampler=sampler, steps=steps, seed=args.seed
+        pipeline.unet,
+        pipeline.scheduler.config,
+        num=args.num,
+        sampler=sampler,
+        steps=steps,
+        seed=args.seed,
+        class_labels=labels,
     )
     _write_samples(images, args.out, f"{sampler}, {steps} steps")
     return 0
+
+
+def _class_labels(args: argparse.Namespace, unet):
+    """``--class K`` for a class-conditional UNet: every sample of class K."""
+    import torch
+
+    classes = unet.config.num_class_embeds
+    if args.class_label is None:
+        if classes:
+            raise UsageError(f"{args.run} is class-conditional: give --class K (0..{classes - 1})")
+        return None
+    if not classes:
+        raise UsageError(f"{args.run} is not class-conditional: drop --class")
+    if not 0 <= args.class_label < classes:
+        raise UsageError(f"--class must be in 0..{classes - 1}, got {args.class_label}")
+    return torch.full((args.num,), args.class_label, dtype=torch.long)
 
 
 def _sample_sd(args: argparse.Namespace) -> int:
@@ -653,7 +769,11 @@ def command_evaluate(args: argparse.Namespace) -> int:
     low, high = result["non_sensitive_rate_95ci"]
     print(
         f"{args.run}: non-sensitive rate {result['non_sensitive_rate']:.3f} (95% CI {low:.3f}-{high:.3f}), "
-        f"{FID_CLASSIFIER} {result['fid_classifier']:.2f}"
+        + (
+            f"{FID_CLASSIFIER} {result['fid_classifier']:.2f}"
+            if result["fid_classifier"] is not None
+            else "no FID (no normal test images)"
+        )
         + (f", Inception FID {result['fid_inception']:.2f}" if "fid_inception" in result else "")
         + f"; {result['num_samples']} samples ({result['sampler']}, {result['sampling_steps']} steps)"
     )
@@ -696,8 +816,7 @@ def command_benchmark(args: argparse.Namespace) -> int:
     _check_sampling_flags(args)
     if args.steps is not None and args.steps <= 0:
         raise UsageError(f"--steps must be > 0, got {args.steps}")
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    preset(args.preset)  # an unknown preset is an error before anything runs
     run_benchmark(
         args.preset,
         args.methods,
@@ -710,6 +829,8 @@ def command_benchmark(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         sample_steps=args.sample_steps,
         show_progress=not args.quiet,
+        pretrained=args.pretrained,
+        learning_rate=args.lr,
     )
     print()
     print((args.out / TABLE).read_text(), end="")
@@ -727,6 +848,12 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser, out: Path) -> None
         help="beta sweep for pu/filter, e.g. 0.05,0.1,0.2,0.3; auto: estimated from U and S",
     )
     parser.add_argument("--steps", type=int, help="training steps per cell (default: the preset's)")
+    parser.add_argument("--lr", type=float, help="learning rate of every cell (default: the preset's)")
+    parser.add_argument(
+        "--pretrained",
+        help="every cell fine-tunes this pipeline (folder, pudm run or hub id); a pudm run is also "
+        "evaluated, as the row before fine-tuning",
+    )
     parser.add_argument("--num", type=int, help="samples per cell to evaluate")
     parser.add_argument("--classifier", type=Path, help="evaluation classifier folder (default: train one)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="sampler for evaluation (default: the preset's)")
@@ -846,6 +973,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--steps", type=int, help="sampling steps (default: the run's, 1000 for ddpm)")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sample.add_argument(
+        "--class", dest="class_label", type=int, help="class-conditional runs: draw every sample of class K"
+    )
     sample.add_argument("--prompt", help="pudm sd runs: the text prompt (default: the run's)")
     sample.add_argument("--guidance-scale", type=float, help="pudm sd runs: classifier-free guidance")
     sample.add_argument(

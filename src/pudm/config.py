@@ -51,6 +51,15 @@ class DataConfig:
     split_seed: int = 0
     # None: batches drawn from the pooled U and S (the paper); k: exactly k S items per batch.
     sensitive_per_batch: int | None = None
+    # The paper's data sets: where torchvision's files are (None: $PUDM_DATA_DIR or
+    # ~/.cache/pudm/datasets), and whether missing files may be downloaded.
+    data_dir: str | None = None
+    download: bool = True
+    # source "folders": the user's image folders (U, S, and optionally normal test images).
+    unlabeled_dir: str | None = None
+    sensitive_dir: str | None = None
+    test_dir: str | None = None
+    strict: bool = False
 
 
 @dataclass
@@ -67,6 +76,13 @@ class ModelConfig:
     # What the UNet predicts, and so what l(x) measures: "epsilon" (the paper: ||eps_hat - eps||^2)
     # or "v_prediction" (||v_hat - v||^2 = ||eps_hat - eps||^2 / abar_t, more weight on high noise).
     prediction_type: str = "epsilon"
+    # Fine-tuning: the pipeline (folder, pudm run or hub id) whose UNet and noise schedule training
+    # starts from; the fields above then describe that UNet. None: a UNet initialised at random.
+    pretrained: str | None = None
+    pretrained_image_size: int | None = None
+    pretrained_channels: int | None = None
+    # A class-conditional UNet (one embedding per class of U's labels); 0: unconditional.
+    num_classes: int = 0
 
 
 @dataclass
@@ -150,6 +166,10 @@ class RunConfig:
         data, train, sample = self.data, self.train, self.sample
         if data.source not in SOURCES:
             raise ValueError(f"unknown data source {data.source!r}; choose one of {', '.join(SOURCES)}")
+        if data.source == "folders" and not (data.unlabeled_dir and data.sensitive_dir):
+            raise ValueError("image folders need both --unlabeled DIR and --sensitive DIR")
+        if self.model.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.model.num_classes}")
         if train.method not in TRAIN_METHODS:
             raise ValueError(f"unknown method {train.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
         if train.correction not in CORRECTIONS:
@@ -194,7 +214,18 @@ class RunConfig:
             )
         if sample.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sample.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        check_image_size(self.model, data.image_size)
+        if self.model.pretrained is None:
+            check_image_size(self.model, data.image_size)
+        elif (data.image_size, data.channels) != (
+            self.model.pretrained_image_size,
+            self.model.pretrained_channels,
+        ):
+            raise ValueError(
+                f"--pretrained {self.model.pretrained} takes {self.model.pretrained_image_size} px images "
+                f"with {self.model.pretrained_channels} channels, the data has {data.image_size} px and "
+                f"{data.channels}: use --image-size {self.model.pretrained_image_size} --channels "
+                f"{self.model.pretrained_channels}"
+            )
         k = data.sensitive_per_batch
         if k is not None and not 0 < k < train.batch_size:
             raise ValueError(f"--sensitive-per-batch must be in [1, batch size {train.batch_size}), got {k}")
@@ -221,14 +252,99 @@ def _digits(normal_classes: tuple[int, ...], preset: str) -> RunConfig:
     )
 
 
+# The paper's UNet for its from-scratch runs (block channels 128,128,256,512; attention in the
+# third down and second up block).
+PAPER_MODEL = ModelConfig(
+    block_out_channels=(128, 128, 256, 512),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+)
+
+
+def _paper(
+    preset_name: str,
+    source: str,
+    normal_classes: tuple[int, ...],
+    counts: tuple[int, int, int],
+    num_test: int,
+    batch_size: int,
+    image_size: int,
+    pretrained: str | None = None,
+) -> RunConfig:
+    """A row of the paper's Table 1: U normal, U sensitive and S counts, batch and image size;
+    100 epochs over the pooled U and S, lr 1e-4 with 500 warm-up steps, sampling with DDIM 50."""
+    unlabeled_normal, unlabeled_sensitive, sensitive = counts
+    epoch = -(-(unlabeled_normal + unlabeled_sensitive + sensitive) // batch_size)
+    model = dataclasses.replace(PAPER_MODEL, pretrained=pretrained)
+    return RunConfig(
+        preset=preset_name,
+        data=DataConfig(
+            source=source,
+            normal_classes=normal_classes,
+            num_unlabeled_normal=unlabeled_normal,
+            num_unlabeled_sensitive=unlabeled_sensitive,
+            num_sensitive=sensitive,
+            num_test=num_test,
+            image_size=image_size,
+            channels=3,
+        ),
+        model=model,
+        train=TrainConfig(
+            steps=100 * epoch,
+            batch_size=batch_size,
+            learning_rate=1e-4,
+            warmup_steps=500,
+            checkpoint_every=1000,
+            log_every=100,
+        ),
+        sample=SampleConfig(sampler="ddim", steps=50),
+    )
+
+
+VEHICLES_CIFAR, VEHICLES_STL = (0, 1, 8, 9), (0, 2, 8, 9)
+PAPER_PRESETS = {
+    "MNIST_even": lambda: _paper("MNIST_even", "mnist", (0, 2, 4, 6, 8), (25000, 2500, 2500), 4000, 128, 32),
+    "MNIST_odd": lambda: _paper("MNIST_odd", "mnist", (1, 3, 5, 7, 9), (25000, 2500, 2500), 4000, 128, 32),
+    "CIFAR10_vehicles": lambda: _paper(
+        "CIFAR10_vehicles", "cifar10", VEHICLES_CIFAR, (20000, 2000, 2000), 4000, 128, 32
+    ),
+    "CIFAR10_animals": lambda: _paper(
+        "CIFAR10_animals", "cifar10", (2, 3, 4, 5, 6, 7), (20000, 2000, 2000), 4000, 128, 32
+    ),
+    "STL10_vehicles": lambda: _paper("STL10_vehicles", "stl10", VEHICLES_STL, (2000, 200, 200), 3200, 32, 96),
+    "STL10_animals": lambda: _paper(
+        "STL10_animals", "stl10", (1, 3, 4, 5, 6, 7), (2000, 200, 200), 3200, 32, 96
+    ),
+    # Fine-tuning of the pretrained CelebA-HQ DDPM; class 1 = attribute "Male".
+    "CelebA_male": lambda: _paper(
+        "CelebA_male", "celeba", (1,), (2000, 200, 200), 2000, 16, 256, "google/ddpm-celebahq-256"
+    ),
+    "CelebA_female": lambda: _paper(
+        "CelebA_female", "celeba", (0,), (2000, 200, 200), 2000, 16, 256, "google/ddpm-celebahq-256"
+    ),
+}
+
+
+def _folders() -> RunConfig:
+    """The user's image folders: 32 px RGB, the small UNet; set the folders with --unlabeled etc."""
+    return RunConfig(
+        preset="folders",
+        data=DataConfig(source="folders", normal_classes=(0,), image_size=32, channels=3),
+    )
+
+
 PRESETS = {
     "digits_even": lambda: _digits((0, 2, 4, 6, 8), "digits_even"),
     "digits_odd": lambda: _digits((1, 3, 5, 7, 9), "digits_odd"),
+    **PAPER_PRESETS,
+    "folders": _folders,
 }
 
 
 def preset(name: str) -> RunConfig:
-    """A fresh copy of the named preset."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
+    """A fresh copy of the named preset (names are matched without regard to case)."""
+    found = {key.lower(): key for key in PRESETS}.get(name.lower())
+    if found is None:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[found]()

@@ -18,16 +18,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SOURCES = ("digits",)
+SOURCES = ("digits", "mnist", "cifar10", "stl10", "celeba", "folders")
 
 
 @dataclass(frozen=True)
 class LabeledSource:
-    """Images in [-1, 1], shape (N, C, H, W), float32, with integer class labels of shape (N,)."""
+    """Images in [-1, 1], shape (N, C, H, W), float32, with integer class labels of shape (N,).
+
+    ``images`` is a tensor or anything indexable by an index tensor that returns one
+    (:class:`pudm.datasets.LazyImages`). Sources with an official test split carry it in
+    ``test_images`` / ``test_labels``: the normal test images are then drawn from it.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     name: str
+    test_images: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
+
+    def all_images(self, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every training image with its label as one tensor, or a seeded random ``limit`` of them."""
+        index = torch.arange(len(self.labels))
+        if limit is not None and limit < len(index):
+            index = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))[:limit]
+            index = index.sort().values
+        return self.images[index], self.labels[index]
 
 
 @dataclass(frozen=True)
@@ -91,9 +106,15 @@ def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
     return resized.clamp(-1.0, 1.0)
 
 
-def load_source(name: str, image_size: int, channels: int) -> LabeledSource:
+def load_source(
+    name: str, image_size: int, channels: int, data_dir: str | None = None, download: bool = True
+) -> LabeledSource:
     if name == "digits":
         return load_digits_source(image_size=image_size, channels=channels)
+    from pudm.datasets import PAPER_SOURCES, load_paper_source
+
+    if name in PAPER_SOURCES:
+        return load_paper_source(name, image_size, channels, data_dir, download)
     raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
 
 
@@ -128,19 +149,33 @@ def build_pu_split(
     if num_unlabeled_normal + num_unlabeled_sensitive == 0:
         raise ValueError("the unlabeled set U is empty: set num_unlabeled_normal > 0")
 
-    is_normal = torch.isin(source.labels, torch.tensor(normal_classes, dtype=source.labels.dtype))
+    classes = torch.tensor(normal_classes, dtype=source.labels.dtype)
+    is_normal = torch.isin(source.labels, classes)
     generator = torch.Generator().manual_seed(seed)
     normal_idx = torch.nonzero(is_normal).squeeze(1)
     sensitive_idx = torch.nonzero(~is_normal).squeeze(1)
     normal_idx = normal_idx[torch.randperm(len(normal_idx), generator=generator)]
     sensitive_idx = sensitive_idx[torch.randperm(len(sensitive_idx), generator=generator)]
 
+    separate_test = source.test_images is not None
+    if separate_test:
+        # The official test split: the normal test images come from there, U and S from training.
+        test_normal = torch.nonzero(torch.isin(source.test_labels, classes)).squeeze(1)
+        test_normal = test_normal[torch.randperm(len(test_normal), generator=generator)]
+        if num_test > len(test_normal):
+            raise ValueError(
+                f"{source.name}'s test split has {len(test_normal)} normal items but the split asks for "
+                f"{num_test}: lower the test count"
+            )
+        test_pick = test_normal[:num_test].sort().values
+        test_images, test_labels = source.test_images[test_pick], source.test_labels[test_pick]
+        num_test = 0
     need_normal = num_unlabeled_normal + num_test
     need_sensitive = num_unlabeled_sensitive + num_sensitive
     if need_normal > len(normal_idx):
         raise ValueError(
             f"{source.name} has {len(normal_idx)} normal items but the split asks for {need_normal} "
-            "(U normal + test): lower the counts"
+            f"({'U normal' if separate_test else 'U normal + test'}): lower the counts"
         )
     if need_sensitive > len(sensitive_idx):
         raise ValueError(
@@ -162,14 +197,16 @@ def build_pu_split(
     )
     order = torch.randperm(len(unlabeled_idx), generator=generator)
     unlabeled_idx, hidden = unlabeled_idx[order], hidden[order]
+    if not separate_test:
+        test_images, test_labels = source.images[test_idx], source.labels[test_idx]
     return PUSplit(
         unlabeled=source.images[unlabeled_idx],
         sensitive=source.images[labeled_sensitive_idx],
-        test=source.images[test_idx],
+        test=test_images,
         unlabeled_is_sensitive=hidden,
         unlabeled_labels=source.labels[unlabeled_idx],
         sensitive_labels=source.labels[labeled_sensitive_idx],
-        test_labels=source.labels[test_idx],
+        test_labels=test_labels,
     )
 
 
@@ -260,3 +297,16 @@ class PUBatches:
             return unlabeled
         sensitive = self._sensitive.take(block * num_s, num_s) + self.num_unlabeled
         return torch.cat([unlabeled, sensitive])
+
+
+# Classes of each labeled source (a class-conditional UNet has one embedding per class).
+SOURCE_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "stl10": 10, "celeba": 2}
+
+
+def num_classes(source: str) -> int:
+    if source not in SOURCE_CLASSES:
+        raise ValueError(
+            f"a class-conditional model needs class labels, and data source {source!r} has none: "
+            "drop --class-conditional"
+        )
+    return SOURCE_CLASSES[source]

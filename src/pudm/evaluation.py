@@ -127,11 +127,13 @@ def evaluate_samples(
         "non_sensitive_rate_95ci": [low, high],
         "num_samples": len(images),
         "class_histogram": class_histogram(predicted, classifier.info.num_classes),
-        "fid_classifier": classifier_fid(classifier, reference, images),
+        "fid_classifier": classifier_fid(classifier, reference, images) if len(reference) else None,
         "fid_classifier_name": FID_CLASSIFIER,
-        "fid_reference": f"normal test split ({len(reference)} images)",
+        "fid_reference": f"normal test split ({len(reference)} images)"
+        if len(reference)
+        else "none: no normal test images (image folders: give --test DIR)",
     }
-    if with_inception:
+    if with_inception and len(reference):
         metrics["fid_inception"] = inception_fid(reference, images, inception_weights)
     return metrics
 
@@ -171,7 +173,7 @@ def evaluate_run(
     """
     from pudm.models import load_pipeline
     from pudm.sampling import generate
-    from pudm.training import split_from_config
+    from pudm.training import mixture_labels, split_from_config
 
     run_dir = Path(run_dir)
     if num <= 0:
@@ -187,7 +189,8 @@ def evaluate_run(
     steps = steps or (config.sample.steps if sampler == config.sample.sampler else default_steps(sampler))
     if steps <= 0:
         raise ValueError(f"--steps must be > 0, got {steps}")
-    reference = to_uint8(split_from_config(config).test)
+    split = split_from_config(config)
+    reference = to_uint8(split.test)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_pipeline(run_dir / "pipeline", device=device)
     start = time.perf_counter()
@@ -199,6 +202,8 @@ def evaluate_run(
         steps=steps,
         seed=seed,
         show_progress=show_progress,
+        # A class-conditional model draws its classes with U's frequencies, like an unconditional one.
+        class_labels=mixture_labels(split, num, seed) if config.model.num_classes else None,
     )
     sampling_seconds = time.perf_counter() - start
     save_grid(images[:64], run_dir / EVAL_GRID)

@@ -23,6 +23,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     show_progress: bool = True,
+    class_labels: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Draw ``num`` samples as uint8 images of shape (num, H, W, C).
 
@@ -30,6 +31,8 @@ def generate(
     (ddpm, ddim, dpm = DPM-Solver++ or dpm-sde = its SDE variant), sharing the training noise
     schedule. Batch ``i`` uses the seed ``seed + i`` (the stochastic samplers draw their noise from
     it too), so the same call always returns the same images.
+
+    ``class_labels`` (shape (num,)): the class of every sample, for a class-conditional UNet.
     """
     if num <= 0:
         raise ValueError(f"--num must be > 0, got {num}")
@@ -44,12 +47,31 @@ def generate(
     ):
         size = min(batch_size, num - start)
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
-        images = pipeline(
-            batch_size=size, generator=generator, num_inference_steps=steps, output_type="np"
-        ).images
+        if class_labels is None:
+            images = pipeline(
+                batch_size=size, generator=generator, num_inference_steps=steps, output_type="np"
+            ).images
+        else:
+            labels = torch.as_tensor(class_labels)[start : start + size]
+            images = _conditional(unet, pipeline.scheduler, labels, generator, steps)
         batches.append(images)
     images = np.concatenate(batches)
     return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
+
+
+def _conditional(unet, scheduler, labels: torch.Tensor, generator: torch.Generator, steps: int) -> np.ndarray:
+    """DDPMPipeline's loop with class labels passed to the UNet; images as floats in [0, 1]."""
+    config = unet.config
+    size = config.sample_size
+    shape = (len(labels), config.in_channels, *((size, size) if isinstance(size, int) else size))
+    sample = torch.randn(shape, generator=generator).to(unet.device, unet.dtype)
+    sample = sample * scheduler.init_noise_sigma
+    labels = labels.to(unet.device)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        output = unet(scheduler.scale_model_input(sample, t), t, class_labels=labels).sample
+        sample = scheduler.step(output, t, sample, generator=generator).prev_sample
+    return (sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
 
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:

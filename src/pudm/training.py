@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pudm import runs
 from pudm.config import RunConfig
 from pudm.data import PUBatches, PUSplit, build_pu_split, load_source
-from pudm.models import build_noise_scheduler, build_unet, save_pipeline
+from pudm.models import build_noise_scheduler, build_unet, load_pretrained, save_pipeline
 from pudm.objectives import CrossProcessSum, objective
 from pudm.sampling import generate, save_grid
 
@@ -83,10 +83,12 @@ def per_sample_denoising_loss(
     return (prediction.float() - target.float()).pow(2).flatten(1).sum(1)
 
 
-def split_from_config(config: RunConfig) -> PUSplit:
+def split_from_config(config: RunConfig, report=None) -> PUSplit:
     """The PU split that ``config.data`` describes (deterministic in ``split_seed``)."""
     data = config.data
-    source = load_source(data.source, data.image_size, data.channels)
+    if data.source == "folders":
+        return folder_split(config, report)
+    source = load_source(data.source, data.image_size, data.channels, data.data_dir, data.download)
     return build_pu_split(
         source,
         data.normal_classes,
@@ -96,6 +98,34 @@ def split_from_config(config: RunConfig) -> PUSplit:
         data.num_test,
         data.split_seed,
     )
+
+
+def folder_split(config: RunConfig, report=None) -> PUSplit:
+    """U, S and the optional normal test images from the user's folders (no hidden labels).
+
+    ``report(message)`` hears how many unreadable files were skipped.
+    """
+    from pudm.imagefolder import load_folder
+
+    data = config.data
+    parts = {}
+    for name, folder in (
+        ("unlabeled", data.unlabeled_dir),
+        ("sensitive", data.sensitive_dir),
+        ("test", data.test_dir),
+    ):
+        if folder is None:
+            continue
+        loaded = load_folder(Path(folder), data.image_size, data.channels, data.strict, f"--{name}")
+        if loaded.skipped and report is not None:
+            first, reason = loaded.skipped[0]
+            report(
+                f"--{name}: skipped {len(loaded.skipped)} unreadable image file(s), e.g. {first} ({reason}); "
+                "--strict makes this an error"
+            )
+        parts[name] = loaded.as_float()
+    empty = torch.zeros((0, data.channels, data.image_size, data.image_size))
+    return PUSplit(unlabeled=parts["unlabeled"], sensitive=parts["sensitive"], test=parts.get("test", empty))
 
 
 def check_method_fits_data(method: str, split: PUSplit) -> None:
@@ -131,6 +161,40 @@ def training_pool(
         [torch.zeros(len(unlabeled), dtype=torch.bool), torch.ones(len(split.sensitive), dtype=torch.bool)]
     )
     return pool, is_sensitive, len(unlabeled), len(split.sensitive)
+
+
+def training_labels(split: PUSplit, method: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The class label of every item of the training pool, in :func:`training_pool`'s order."""
+    if split.unlabeled_labels is None or split.sensitive_labels is None:
+        raise ValueError("a class-conditional model needs class labels for U and S: this data has none")
+    labels = split.unlabeled_labels
+    if method == "oracle":
+        labels = labels[~split.unlabeled_is_sensitive]
+    if method == "filter":
+        labels = labels[keep]
+    if method in ("unsupervised", "oracle", "filter"):
+        return labels
+    return torch.cat([labels, split.sensitive_labels])
+
+
+def class_mixture(split: PUSplit) -> torch.Tensor:
+    """How often each class occurs in U: what an unconditional model would draw from."""
+    counts = torch.bincount(split.unlabeled_labels)
+    return counts.float() / counts.sum()
+
+
+def mixture_labels(split: PUSplit, num: int, seed: int) -> torch.Tensor:
+    """``num`` class labels drawn (seeded) with U's class frequencies: a class-conditional model
+    sampled like an unconditional one."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.multinomial(class_mixture(split), num, replacement=True, generator=generator)
+
+
+def grid_labels(config: RunConfig, split: PUSplit, num: int) -> torch.Tensor | None:
+    """The end-of-run grid of a class-conditional model: the classes in turn; None otherwise."""
+    if not config.model.num_classes:
+        return None
+    return torch.arange(num) % config.model.num_classes
 
 
 def filter_keep(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = True) -> torch.Tensor:
@@ -269,9 +333,14 @@ class Trainer:
     def _build(self) -> None:
         cfg = self.config
         channels, image_size = self.split.image_shape[0], self.split.image_shape[-1]
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
-            torch.manual_seed(cfg.train.seed)
-            self.unet = build_unet(cfg.model, image_size=image_size, channels=channels)
+        if cfg.model.pretrained:
+            # Fine-tuning: the pretrained UNet and the pipeline's own noise schedule.
+            self.unet, self.noise_scheduler = load_pretrained(cfg.model.pretrained)
+        else:
+            with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
+                torch.manual_seed(cfg.train.seed)
+                self.unet = build_unet(cfg.model, image_size=image_size, channels=channels)
+            self.noise_scheduler = build_noise_scheduler(cfg.model)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             self.unet.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
@@ -282,7 +351,6 @@ class Trainer:
             )
         else:
             self.lr_scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.train.warmup_steps)
-        self.noise_scheduler = build_noise_scheduler(cfg.model)
 
     def _restore(self) -> int:
         """Load the last checkpoint into the freshly built state; return its step (0 if none)."""
@@ -352,9 +420,17 @@ class Trainer:
             self.split, train.method, self.keep
         )
         pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
+        if self.config.model.num_classes:
+            # Class-conditional UNet: each item's class label is its conditioning.
+            labels = training_labels(self.split, train.method, self.keep).to(device)
 
-        def fetch(index: torch.Tensor, step: int):
-            return pool[index], pool_is_sensitive[index], None
+            def fetch(index: torch.Tensor, step: int):
+                return pool[index], pool_is_sensitive[index], {"class_labels": labels[index]}
+
+        else:
+
+            def fetch(index: torch.Tensor, step: int):
+                return pool[index], pool_is_sensitive[index], None
 
         method = "unsupervised" if train.method in ("oracle", "filter") else train.method
         return fetch, num_unlabeled, num_sensitive, method
@@ -540,13 +616,14 @@ class Trainer:
         """Final EMA weights as a diffusers pipeline, a sample grid, and summary.json (last)."""
         cfg = self.config
         ema = copy.deepcopy(self.ema).to("cpu").eval()
-        training_schedule = build_noise_scheduler(cfg.model)
+        training_schedule = DDPMScheduler.from_config(self.noise_scheduler.config)
         runs.atomic_write_dir(
             self.run_dir / "pipeline", lambda tmp: save_pipeline(ema, training_schedule, tmp)
         )
         images = generate(
             ema,
             training_schedule.config,
+            class_labels=grid_labels(cfg, self.split, cfg.sample.grid_size),
             num=cfg.sample.grid_size,
             sampler=cfg.sample.sampler,
             steps=cfg.sample.steps,

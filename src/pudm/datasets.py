@@ -1,0 +1,293 @@
+"""The paper's data sets, read from the files torchvision downloads.
+
+=========  ===================================================================  ==================
+source     files under ``--data-dir`` (torchvision's layout)                    labels
+=========  ===================================================================  ==================
+mnist      ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``            digit 0-9
+cifar10    ``cifar-10-batches-py/data_batch_1`` .. ``_5``, ``test_batch``        class 0-9
+stl10      ``stl10_binary/{train,test}_{X,y}.bin``                               class 0-9
+celeba     ``celeba/img_align_celeba/*.jpg``, ``celeba/list_attr_celeba.txt``,   attribute "Male"
+           ``celeba/list_eval_partition.txt``                                    (1 male, 0 female)
+=========  ===================================================================  ==================
+
+Each source has a training part (where U and S are drawn from) and a test part (the normal test
+images of evaluation). When the files are missing, torchvision downloads them into ``--data-dir``
+(its URLs and checksums); offline, the error names the files and where to put them. The files are
+then read here, by the same code whatever put them there: MNIST through torchvision's own reader,
+the others with small readers of their documented formats (CIFAR's pickles through an unpickler that
+only rebuilds numpy arrays, so a data file cannot run code). Images stay uint8 until a split selects
+them; CelebA's JPEGs are decoded only for the items a split uses.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pudm.data import LabeledSource, resize_images
+
+PAPER_SOURCES = ("mnist", "cifar10", "stl10", "celeba")
+REQUIRED = {
+    "mnist": [
+        "MNIST/raw/train-images-idx3-ubyte",
+        "MNIST/raw/train-labels-idx1-ubyte",
+        "MNIST/raw/t10k-images-idx3-ubyte",
+        "MNIST/raw/t10k-labels-idx1-ubyte",
+    ],
+    "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
+    + ["cifar-10-batches-py/test_batch"],
+    "stl10": [f"stl10_binary/{part}_{kind}.bin" for part in ("train", "test") for kind in ("X", "y")],
+    "celeba": ["celeba/img_align_celeba", "celeba/list_attr_celeba.txt", "celeba/list_eval_partition.txt"],
+}
+WHERE = {
+    "mnist": "the four files of http://yann.lecun.com/exdb/mnist/ (gunzipped)",
+    "cifar10": "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extracted",
+    "stl10": "stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/, extracted",
+    "celeba": "img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt from "
+    "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (the zip extracted)",
+}
+
+
+def default_data_dir() -> Path:
+    """``$PUDM_DATA_DIR``, else ``~/.cache/pudm/datasets``."""
+    return Path(os.environ.get("PUDM_DATA_DIR", Path.home() / ".cache" / "pudm" / "datasets"))
+
+
+class LazyImages:
+    """Images of a data set, decoded and converted only for the indices asked for.
+
+    ``self[index]`` (an index tensor) returns float32 (n, channels, size, size) in [-1, 1]:
+    ``load(indices)`` gives uint8 (n, C, H, W), which is then cropped to a centred square,
+    resized (bilinear) and given ``channels`` channels (grey repeated, or RGB averaged to grey).
+    """
+
+    def __init__(self, count: int, load: Callable[[np.ndarray], np.ndarray], image_size: int, channels: int):
+        self.count = count
+        self.load = load
+        self.image_size = image_size
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.count, self.channels, self.image_size, self.image_size)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        index = torch.as_tensor(index).reshape(-1).numpy()
+        if len(index) == 0:
+            return torch.zeros((0, self.channels, self.image_size, self.image_size))
+        pixels = torch.from_numpy(np.ascontiguousarray(self.load(index)))
+        return to_model_images(pixels, self.image_size, self.channels)
+
+
+def to_model_images(pixels: torch.Tensor, image_size: int, channels: int) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 (N, channels, image_size, image_size) in [-1, 1]."""
+    height, width = pixels.shape[-2:]
+    if height != width:  # centre square, as torchvision's CenterCrop
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        pixels = pixels[..., top : top + side, left : left + side]
+    images = pixels.float() / 127.5 - 1.0
+    images = resize_images(images, image_size)
+    if images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    elif images.shape[1] == 3 and channels == 1:
+        images = images.mean(1, keepdim=True)
+    return images.contiguous()
+
+
+class DatasetMissing(ValueError):
+    """A data set is not on disk and could not be downloaded; names the files and the fix."""
+
+
+def _missing(name: str, root: Path) -> list[str]:
+    return [part for part in REQUIRED[name] if not (root / part).exists()]
+
+
+def _ensure(name: str, root: Path, download: bool) -> None:
+    """Download ``name`` into ``root`` through torchvision when files are missing."""
+    missing = _missing(name, root)
+    if not missing:
+        return
+    reason = "downloading is off (--no-download)"
+    if download:
+        import torchvision.datasets as tv
+
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            if name == "mnist":
+                tv.MNIST(root, train=True, download=True)
+                tv.MNIST(root, train=False, download=True)
+            elif name == "cifar10":
+                tv.CIFAR10(root, train=True, download=True)
+            elif name == "stl10":
+                tv.STL10(root, split="train", download=True)
+            else:
+                tv.CelebA(root, split="all", target_type="attr", download=True)
+        except Exception as error:  # noqa: BLE001 - network, checksum, gdown quota
+            reason = f"the download failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        missing = _missing(name, root)
+        if not missing:
+            return
+    raise DatasetMissing(
+        f"{name} is not in {root} (missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}) and "
+        f"{reason}: put {WHERE[name]} into {root}, or pass --data-dir where the files are"
+    )
+
+
+def load_paper_source(
+    name: str, image_size: int, channels: int, data_dir: str | Path | None = None, download: bool = True
+) -> LabeledSource:
+    """The training part of ``name`` as a LabeledSource, with its test part attached."""
+    root = Path(data_dir) if data_dir else default_data_dir()
+    _ensure(name, root, download)
+    try:
+        loader = {"mnist": _mnist, "cifar10": _cifar10, "stl10": _stl10, "celeba": _celeba}[name]
+        return loader(root, image_size, channels)
+    except DatasetMissing:
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated or foreign files
+        raise DatasetMissing(
+            f"{name} files in {root} cannot be read ({type(error).__name__}: {str(error)[:120]}): "
+            "delete them to download again, or replace them with the original files"
+        ) from None
+
+
+def _source(
+    name, train_pixels, train_labels, test_pixels, test_labels, image_size, channels
+) -> LabeledSource:
+    def store(pixels):
+        return LazyImages(len(pixels), lambda index: pixels[index], image_size, channels)
+
+    return LabeledSource(
+        images=store(train_pixels),
+        labels=torch.as_tensor(np.asarray(train_labels)).long(),
+        name=name,
+        test_images=store(test_pixels),
+        test_labels=torch.as_tensor(np.asarray(test_labels)).long(),
+    )
+
+
+def _mnist(root: Path, image_size: int, channels: int) -> LabeledSource:
+    from torchvision.datasets import MNIST
+
+    train, test = MNIST(root, train=True), MNIST(root, train=False)
+    return _source(
+        "mnist",
+        train.data.numpy()[:, None],
+        train.targets.numpy(),
+        test.data.numpy()[:, None],
+        test.targets.numpy(),
+        image_size,
+        channels,
+    )
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles CIFAR's batches (dicts of bytes, lists and numpy arrays) and nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: uint8 (N, 3, 32, 32) and labels (N,)."""
+    batch = _ArraysOnly(io.BytesIO(Path(path).read_bytes()), encoding="latin1").load()
+    data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return data, np.asarray(batch["labels"], dtype=np.int64)
+
+
+def _cifar10(root: Path, image_size: int, channels: int) -> LabeledSource:
+    folder = root / "cifar-10-batches-py"
+    parts = [read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    test_pixels, test_labels = read_cifar_batch(folder / "test_batch")
+    return _source(
+        "cifar10",
+        np.concatenate([p for p, _ in parts]),
+        np.concatenate([y for _, y in parts]),
+        test_pixels,
+        test_labels,
+        image_size,
+        channels,
+    )
+
+
+def read_stl10(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """STL-10's binary format: column-major uint8 3x96x96 images, labels 1..10 (returned 0..9)."""
+    pixels = np.fromfile(folder / f"{part}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
+    labels = np.fromfile(folder / f"{part}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+    if len(labels) != len(pixels):
+        raise ValueError(f"{part}_X.bin holds {len(pixels)} images and {part}_y.bin {len(labels)} labels")
+    return pixels.transpose(0, 1, 3, 2), labels
+
+
+def _stl10(root: Path, image_size: int, channels: int) -> LabeledSource:
+    folder = root / "stl10_binary"
+    train_pixels, train_labels = read_stl10(folder, "train")
+    test_pixels, test_labels = read_stl10(folder, "test")
+    return _source("stl10", train_pixels, train_labels, test_pixels, test_labels, image_size, channels)
+
+
+def read_celeba_table(path: Path, header_lines: int) -> tuple[list[str], list[str], np.ndarray]:
+    """A CelebA text table: (file names, column names, int values)."""
+    lines = Path(path).read_text().splitlines()
+    columns = lines[1].split() if header_lines == 2 else []
+    names, values = [], []
+    for line in lines[header_lines:]:
+        fields = line.split()
+        if fields:
+            names.append(fields[0])
+            values.append([int(v) for v in fields[1:]])
+    return names, columns, np.asarray(values, dtype=np.int64)
+
+
+def _celeba(root: Path, image_size: int, channels: int) -> LabeledSource:
+    from PIL import Image
+
+    folder = root / "celeba"
+    names, columns, attributes = read_celeba_table(folder / "list_attr_celeba.txt", 2)
+    partition_names, _, partition = read_celeba_table(folder / "list_eval_partition.txt", 0)
+    if partition_names != names:
+        raise ValueError("list_eval_partition.txt and list_attr_celeba.txt list different images")
+    male = (attributes[:, columns.index("Male")] > 0).astype(np.int64)
+    split = partition[:, 0]
+    files = np.asarray(names)
+
+    def images(selected: np.ndarray) -> LazyImages:
+        chosen = files[selected]
+
+        def load(index: np.ndarray) -> np.ndarray:
+            arrays = []
+            for name in chosen[index]:
+                with Image.open(folder / "img_align_celeba" / name) as picture:
+                    arrays.append(np.asarray(picture.convert("RGB")).transpose(2, 0, 1))
+            return np.stack(arrays)
+
+        return LazyImages(len(chosen), load, image_size, channels)
+
+    train, test = np.flatnonzero(split != 2), np.flatnonzero(split == 2)
+    return LabeledSource(
+        images=images(train),
+        labels=torch.from_numpy(male[train]),
+        name="celeba",
+        test_images=images(test),
+        test_labels=torch.from_numpy(male[test]),
+    )
