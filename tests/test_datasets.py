@@ -119,6 +119,13 @@ def test_presets_hold_the_papers_settings(name):
     assert model.block_out_channels == (128, 128, 256, 512) and model.layers_per_block == 2
     assert model.down_block_types[2] == "AttnDownBlock2D" and model.up_block_types[1] == "AttnUpBlock2D"
     assert (config.sample.sampler, config.sample.steps) == ("ddim", 50)
+    if model.pretrained is None:  # the model itself builds for this data (on the meta device: no memory)
+        from pudm.models import build_unet
+
+        with torch.device("meta"):
+            unet = build_unet(model, image_size=size, channels=3)
+        assert unet.config.sample_size == size and unet.config.in_channels == 3
+        assert sum(p.numel() for p in unet.parameters()) > 30_000_000
     assert preset(name.lower()).preset == name  # names match without regard to case
     assert name in PAPER_PRESETS
 

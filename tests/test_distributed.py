@@ -115,6 +115,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch() -> tuple[dict[str, str], list[str]]:
+    """The environment and the command prefix of a 2-process CPU launch of pudm."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "pudm"]
+    return env, launch
+
+
 ARGS = ["--steps", "6", "--log-every", "2", "--checkpoint-every", "3", "--quiet"]
 ARGS += ["--sample-steps", "4", "--grid-size", "8", "--method", "pu", "--beta", "0.1"]
 
@@ -124,10 +133,7 @@ def _unet(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "pudm"]
+    env, launch = _launch()
     two, one = tmp_path / "two", tmp_path / "one"
     done = subprocess.run(
         [*launch, "train", "--out", str(two), *ARGS, "--batch-size", "8"],
@@ -171,10 +177,7 @@ def test_pudm_sd_lora_two_processes_matches_one_process(tmp_path):
     write_tiny_sd(tmp_path / "base")
     write_text_image_folder(tmp_path / "U", 12, seed=0)
     write_text_image_folder(tmp_path / "S", 4, seed=1, captions=["a photo of brad pitt"] * 4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += ["--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "pudm"]
+    env, launch = _launch()
     args = ["sd", "--pretrained", str(tmp_path / "base"), "--unlabeled", str(tmp_path / "U")]
     args += ["--sensitive", str(tmp_path / "S"), "--unlabeled-prompt", "a photo of a middle aged man"]
     args += ["--resolution", "16", "--steps", "4", "--log-every", "2", "--lora-rank", "2", "--lr", "1e-2"]

@@ -81,8 +81,11 @@ def cell_config(
     steps: int | None,
     pretrained: str | None = None,
     learning_rate: float | None = None,
+    data_dir: str | None = None,
 ) -> RunConfig:
     config = preset(preset_name)
+    if data_dir is not None:
+        config.data.data_dir = str(Path(data_dir).resolve())
     if pretrained:
         from pudm.models import pretrained_model_config
 
@@ -217,6 +220,7 @@ def run_benchmark(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     pretrained: str | None = None,
     learning_rate: float | None = None,
+    data_dir: str | None = None,
 ) -> dict:
     """Train and evaluate every cell. With ``pretrained``, every cell fine-tunes that pipeline, and
     when it is a finished pudm run it is evaluated too, as the row before fine-tuning."""
@@ -226,7 +230,10 @@ def run_benchmark(
     cells = plan_cells(methods, seeds, betas)
     if pretrained and Path(pretrained).exists():
         pretrained = str(Path(pretrained).resolve())
-    configs = {cell.name: cell_config(preset_name, cell, steps, pretrained, learning_rate) for cell in cells}
+    configs = {
+        cell.name: cell_config(preset_name, cell, steps, pretrained, learning_rate, data_dir)
+        for cell in cells
+    }
     first = configs[cells[0].name]
     sampler = sampler or first.sample.sampler
     sample_steps = sample_steps or (
@@ -259,11 +266,11 @@ def run_benchmark(
         "fingerprint": classifier.fingerprint(),
     }
     evals: dict[str, dict] = {}
-    before = None
-    if pretrained and runs.is_complete(Path(pretrained)):
-        log(f"[before] {pretrained}")
-        before = _reusable_eval(Path(pretrained), settings) or evaluate_run(
-            Path(pretrained),
+
+    def evaluate(run_dir: Path) -> dict:
+        """The stored evaluation when it was made with these settings, a new one otherwise."""
+        return _reusable_eval(run_dir, settings) or evaluate_run(
+            run_dir,
             classifier,
             num=num,
             sampler=sampler,
@@ -271,6 +278,11 @@ def run_benchmark(
             seed=0,
             show_progress=show_progress,
         )
+
+    before = None
+    if pretrained and runs.is_complete(Path(pretrained)):
+        log(f"[before] {pretrained}")
+        before = evaluate(Path(pretrained))
         log(
             f"    non-sensitive rate {before['non_sensitive_rate']:.3f}, "
             f"{FID_CLASSIFIER} {before['fid_classifier']:.2f}"
@@ -281,16 +293,7 @@ def run_benchmark(
         if cell.beta == "auto":
             _estimate_beta(configs[cell.name], run_dir, log)
         ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
-        stored = _reusable_eval(run_dir, settings)
-        evals[cell.name] = stored or evaluate_run(
-            run_dir,
-            classifier,
-            num=num,
-            sampler=sampler,
-            steps=sample_steps,
-            seed=0,
-            show_progress=show_progress,
-        )
+        evals[cell.name] = evaluate(run_dir)
         filter_file = run_dir / "filter.json"
         if filter_file.is_file():
             report = runs.read_json(filter_file)

@@ -722,6 +722,9 @@ def command_classifier_train(args: argparse.Namespace) -> int:
         config = preset(args.preset)
         if args.image_size is not None:
             config.data.image_size = args.image_size
+        if args.data_dir is not None:
+            config.data.data_dir = str(args.data_dir.resolve())
+        config.data.download = args.download
         config.validate()
         classifier = train_for_config(config, arch=args.arch, fit_config=fit_config, weights=args.weights)
     classifier.save(args.out)
@@ -831,6 +834,7 @@ def command_benchmark(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         pretrained=args.pretrained,
         learning_rate=args.lr,
+        data_dir=args.data_dir,
     )
     print()
     print((args.out / TABLE).read_text(), end="")
@@ -849,6 +853,7 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser, out: Path) -> None
     )
     parser.add_argument("--steps", type=int, help="training steps per cell (default: the preset's)")
     parser.add_argument("--lr", type=float, help="learning rate of every cell (default: the preset's)")
+    parser.add_argument("--data-dir", type=Path, help="where the paper data sets' files are")
     parser.add_argument(
         "--pretrained",
         help="every cell fine-tunes this pipeline (folder, pudm run or hub id); a pudm run is also "
@@ -1028,6 +1033,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels", type=int, choices=(1, 3), default=3, help="folders: grey (1) or RGB (3, default)"
     )
     classifier_train.add_argument("--strict", action="store_true", help="folders: stop at an unreadable file")
+    classifier_train.add_argument(
+        "--data-dir", type=Path, help="paper presets: where the data set's files are"
+    )
+    classifier_train.add_argument(
+        "--no-download", dest="download", action="store_false", help="paper presets: never download"
+    )
     classifier_train.add_argument("--out", type=Path, required=True, help="classifier folder to write")
     classifier_train.add_argument("--overwrite", action="store_true", help="replace the classifier in --out")
     classifier_train.set_defaults(handler=command_classifier_train)

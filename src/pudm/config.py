@@ -125,6 +125,14 @@ class SampleConfig:
     grid_size: int = 64
 
 
+def section_from_dict(kind: type, section: dict[str, Any]) -> Any:
+    """One config dataclass from its JSON form (lists back to tuples); unknown fields are an error."""
+    unknown = set(section) - {f.name for f in dataclasses.fields(kind)}
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} fields {sorted(unknown)}")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
+
+
 @dataclass
 class RunConfig:
     preset: str = "digits_even"
@@ -145,14 +153,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Rebuild from ``to_dict`` output (JSON turns tuples into lists; they come back)."""
-
-        def build(kind: type, section: dict[str, Any]) -> Any:
-            names = {f.name: f for f in dataclasses.fields(kind)}
-            unknown = set(section) - set(names)
-            if unknown:
-                raise ValueError(f"unknown {kind.__name__} fields {sorted(unknown)}")
-            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
-
+        build = section_from_dict
         return cls(
             preset=values.get("preset", "custom"),
             data=build(DataConfig, values.get("data", {})),

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from pudm import runs
-from pudm.config import DEFAULT_SAMPLING_STEPS, SAMPLERS, TrainConfig
+from pudm.config import DEFAULT_SAMPLING_STEPS, SAMPLERS, TrainConfig, section_from_dict
 from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
 from pudm.objectives import CORRECTIONS
 from pudm.training import Trainer, make_accelerator
@@ -139,13 +139,7 @@ class SDRunConfig:
         if values.get("kind") != SD_KIND:
             raise SDError("config.json is not a Stable Diffusion run's (pudm sd): check the folder")
 
-        def build(kind: type, section: dict[str, Any]) -> Any:
-            names = {f.name for f in dataclasses.fields(kind)}
-            unknown = set(section) - names
-            if unknown:
-                raise SDError(f"unknown {kind.__name__} fields {sorted(unknown)}")
-            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
-
+        build = section_from_dict
         return cls(
             data=build(SDDataConfig, values.get("data", {})),
             model=build(SDModelConfig, values.get("model", {})),
@@ -358,8 +352,18 @@ class SDParts:
     noise_scheduler: Any
 
 
+def require_extras() -> None:
+    """transformers and peft come with ``pip install 'pudm[sd]'``; say so instead of a traceback."""
+    import importlib.util
+
+    missing = [name for name in ("transformers", "peft") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SDError(f"pudm sd needs {' and '.join(missing)}: pip install 'pudm[sd]'")
+
+
 def quiet_libraries() -> None:
     """No download bars or informational warnings from diffusers and transformers."""
+    require_extras()
     from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
@@ -377,6 +381,8 @@ def load_parts(pretrained: str) -> SDParts:
     Weights come from safetensors files only, and no code from the model folder runs.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    require_extras()
     from transformers import CLIPTextModel, CLIPTokenizer
 
     quiet_libraries()
