@@ -326,6 +326,7 @@ def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path, capsys):
         ([*base[:-2], "--out", str(new)], "has no caption", "--unlabeled-prompt"),
         ([*base, "--out", str(run)], "already holds a run"),
         ([*base, "--out", str(run), "--resume", "--lora-rank", "4"], "--lora-rank 2, not 4"),
+        (["sd", "--resume", "--out", str(run), "--lora-rank", "4"], "--lora-rank 2, not 4"),
         (["sd", "--resume", "--out", str(empty)], "holds no pudm sd run"),
         (["sample", str(run), "--out", str(tmp_path / "x.gif")], ".png"),
     ]

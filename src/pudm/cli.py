@@ -530,6 +530,8 @@ def _sd_config(args: argparse.Namespace):
     for flag in ("unlabeled", "sensitive"):
         if getattr(config.data, flag):
             setattr(config.data, flag, str(Path(getattr(config.data, flag)).resolve()))
+    if config.model.pretrained and Path(config.model.pretrained).exists():
+        config.model.pretrained = str(Path(config.model.pretrained).resolve())
     if config.train.method == "unsupervised":
         config.data.sensitive, config.data.sensitive_prompt = None, None
     config.validate()
@@ -537,25 +539,27 @@ def _sd_config(args: argparse.Namespace):
 
 
 def _sd_resume_config(args: argparse.Namespace):
-    from pudm.sd import SDRunConfig, is_sd_run, load_run_config
+    """The stored settings of the run in --out; a flag given again must repeat its stored value."""
+    from pudm.sd import is_sd_run, load_run_config
 
     if not is_sd_run(args.out):
         raise UsageError(f"--resume: {args.out} holds no pudm sd run (no config.json of one): drop --resume")
-    stored = load_run_config(args.out)
-    given = {flag for flag in SD_OVERRIDES if getattr(args, flag, None) is not None}
-    if given:
-        wanted = _sd_config(args).to_dict()
-        mine = {k: v for k, v in stored.to_dict().items()}
-        for section in ("data", "model", "train", "sample"):
-            for name, value in wanted[section].items():
-                flag = next((f for f, target in SD_OVERRIDES.items() if target == (section, name)), None)
-                if flag in given and mine[section][name] != value:
-                    raise UsageError(
-                        f"--resume: {args.out} was trained with --{flag.replace('_', '-')} "
-                        f"{mine[section][name]}, not {value}: drop the flag to resume, or start a new run "
-                        "with --overwrite"
-                    )
-    return SDRunConfig.from_dict(stored.to_dict())
+    config = load_run_config(args.out)
+    for flag, (section, name) in SD_OVERRIDES.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if isinstance(value, Path) or (flag == "pretrained" and Path(value).exists()):
+            value = str(Path(value).resolve())
+        elif isinstance(value, list):
+            value = tuple(value)
+        stored = getattr(getattr(config, section), name)
+        if stored != value:
+            raise UsageError(
+                f"--resume: {args.out} was trained with --{flag.replace('_', '-')} {stored}, not {value}: "
+                "drop the flag to resume, or start a new run with --overwrite"
+            )
+    return config
 
 
 def command_sd(args: argparse.Namespace) -> int:

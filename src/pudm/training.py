@@ -137,6 +137,21 @@ def check_method_fits_data(method: str, split: PUSplit) -> None:
         )
 
 
+def _method_items(
+    split: PUSplit, method: str, keep: torch.Tensor | None, of_unlabeled, of_sensitive
+) -> tuple[object, object | None]:
+    """What ``method`` trains on, of U and of S (None: S is not drawn), for any per-item attribute."""
+    if method == "oracle":
+        of_unlabeled = of_unlabeled[~split.unlabeled_is_sensitive]
+    if method == "filter":
+        if keep is None:
+            raise ValueError("method filter needs the keep mask of its S-vs-U classifier")
+        of_unlabeled = of_unlabeled[keep]
+    if method in ("unsupervised", "oracle", "filter"):
+        return of_unlabeled, None
+    return of_unlabeled, of_sensitive
+
+
 def training_pool(
     split: PUSplit, method: str, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -147,34 +162,22 @@ def training_pool(
     S-vs-U classifier kept (``keep``).
     """
     check_method_fits_data(method, split)
-    unlabeled = split.unlabeled
-    if method == "oracle":
-        unlabeled = unlabeled[~split.unlabeled_is_sensitive]
-    if method == "filter":
-        if keep is None:
-            raise ValueError("method filter needs the keep mask of its S-vs-U classifier")
-        unlabeled = unlabeled[keep]
-    if method in ("unsupervised", "oracle", "filter"):
+    unlabeled, sensitive = _method_items(split, method, keep, split.unlabeled, split.sensitive)
+    if sensitive is None:
         return unlabeled, torch.zeros(len(unlabeled), dtype=torch.bool), len(unlabeled), 0
-    pool = torch.cat([unlabeled, split.sensitive])
+    pool = torch.cat([unlabeled, sensitive])
     is_sensitive = torch.cat(
-        [torch.zeros(len(unlabeled), dtype=torch.bool), torch.ones(len(split.sensitive), dtype=torch.bool)]
+        [torch.zeros(len(unlabeled), dtype=torch.bool), torch.ones(len(sensitive), dtype=torch.bool)]
     )
-    return pool, is_sensitive, len(unlabeled), len(split.sensitive)
+    return pool, is_sensitive, len(unlabeled), len(sensitive)
 
 
 def training_labels(split: PUSplit, method: str, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The class label of every item of the training pool, in :func:`training_pool`'s order."""
     if split.unlabeled_labels is None or split.sensitive_labels is None:
         raise ValueError("a class-conditional model needs class labels for U and S: this data has none")
-    labels = split.unlabeled_labels
-    if method == "oracle":
-        labels = labels[~split.unlabeled_is_sensitive]
-    if method == "filter":
-        labels = labels[keep]
-    if method in ("unsupervised", "oracle", "filter"):
-        return labels
-    return torch.cat([labels, split.sensitive_labels])
+    unlabeled, sensitive = _method_items(split, method, keep, split.unlabeled_labels, split.sensitive_labels)
+    return unlabeled if sensitive is None else torch.cat([unlabeled, sensitive])
 
 
 def class_mixture(split: PUSplit) -> torch.Tensor:
@@ -190,7 +193,7 @@ def mixture_labels(split: PUSplit, num: int, seed: int) -> torch.Tensor:
     return torch.multinomial(class_mixture(split), num, replacement=True, generator=generator)
 
 
-def grid_labels(config: RunConfig, split: PUSplit, num: int) -> torch.Tensor | None:
+def grid_labels(config: RunConfig, num: int) -> torch.Tensor | None:
     """The end-of-run grid of a class-conditional model: the classes in turn; None otherwise."""
     if not config.model.num_classes:
         return None
@@ -623,7 +626,7 @@ class Trainer:
         images = generate(
             ema,
             training_schedule.config,
-            class_labels=grid_labels(cfg, self.split, cfg.sample.grid_size),
+            class_labels=grid_labels(cfg, cfg.sample.grid_size),
             num=cfg.sample.grid_size,
             sampler=cfg.sample.sampler,
             steps=cfg.sample.steps,
