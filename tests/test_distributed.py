@@ -115,6 +115,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
 def _launch() -> tuple[dict[str, str], list[str]]:
     """The environment and the command prefix of a 2-process CPU launch of pudm."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -135,22 +139,12 @@ def _unet(run: Path) -> dict[str, torch.Tensor]:
 def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batch(tmp_path):
     env, launch = _launch()
     two, one = tmp_path / "two", tmp_path / "one"
-    done = subprocess.run(
-        [*launch, "train", "--out", str(two), *ARGS, "--batch-size", "8"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run([*launch, "train", "--out", str(two), *ARGS, "--batch-size", "8"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stderr, "the launch must really be data-parallel"
     assert done.stdout.count("done: pipeline") == 1, "only the main process reports"
-    single = subprocess.run(
-        [sys.executable, "-m", "pudm", "train", "--out", str(one), *ARGS, "--batch-size", "16"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    single = _run(
+        [sys.executable, "-m", "pudm", "train", "--out", str(one), *ARGS, "--batch-size", "16"], env
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
@@ -183,22 +177,10 @@ def test_pudm_sd_lora_two_processes_matches_one_process(tmp_path):
     args += ["--resolution", "16", "--steps", "4", "--log-every", "2", "--lora-rank", "2", "--lr", "1e-2"]
     args += ["--grid-size", "0", "--quiet"]
     two, one = tmp_path / "two", tmp_path / "one"
-    done = subprocess.run(
-        [*launch, *args, "--out", str(two), "--batch-size", "2"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run([*launch, *args, "--out", str(two), "--batch-size", "2"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stderr, "the launch must really be data-parallel"
-    single = subprocess.run(
-        [sys.executable, "-m", "pudm", *args, "--out", str(one), "--batch-size", "4"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    single = _run([sys.executable, "-m", "pudm", *args, "--out", str(one), "--batch-size", "4"], env)
     assert single.returncode == 0, single.stderr[-3000:]
     lines = [
         [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (two, one)

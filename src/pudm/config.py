@@ -133,22 +133,26 @@ def section_from_dict(kind: type, section: dict[str, Any]) -> Any:
     return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
 
 
-@dataclass
-class RunConfig:
-    preset: str = "digits_even"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+class StoredConfig:
+    """What a run's config.json and the config in its checkpoints share: JSON in, JSON out."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (tuples become lists), so it compares equal to a stored config.json."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    @staticmethod
-    def normalize(values: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def normalize(cls, values: dict[str, Any]) -> dict[str, Any]:
         """A stored config.json as this version writes it (fields added since take their default)."""
-        return RunConfig.from_dict(values).to_dict()
+        return cls.from_dict(values).to_dict()
+
+
+@dataclass
+class RunConfig(StoredConfig):
+    preset: str = "digits_even"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

@@ -21,8 +21,6 @@ seeded noise an uncached step would use, so caching changes the cost, not the re
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 import re
 import warnings
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 
 from pudm import runs
-from pudm.config import DEFAULT_SAMPLING_STEPS, SAMPLERS, TrainConfig, section_from_dict
+from pudm.config import DEFAULT_SAMPLING_STEPS, SAMPLERS, StoredConfig, TrainConfig, section_from_dict
 from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
 from pudm.objectives import CORRECTIONS
 from pudm.training import Trainer, make_accelerator
@@ -120,19 +118,12 @@ def default_learning_rate(method: str) -> float:
 
 
 @dataclass
-class SDRunConfig:
+class SDRunConfig(StoredConfig):
     kind: str = SD_KIND
     data: SDDataConfig = field(default_factory=SDDataConfig)
     model: SDModelConfig = field(default_factory=SDModelConfig)
     train: TrainConfig = field(default_factory=sd_train_defaults)
     sample: SDSampleConfig = field(default_factory=SDSampleConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @staticmethod
-    def normalize(values: dict[str, Any]) -> dict[str, Any]:
-        return SDRunConfig.from_dict(values).to_dict()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> SDRunConfig:
