@@ -29,10 +29,18 @@ def world(tmp_path_factory):
     return root
 
 
+def base_args(world: Path) -> list[str]:
+    """pudm sd on the tiny pipeline, U and S of the fixture (positions: 2 pretrained, 4 U, 6 S)."""
+    return ["sd", "--pretrained", str(world / "base"), "--unlabeled", str(world / "U")] + [
+        "--sensitive",
+        str(world / "S"),
+        "--unlabeled-prompt",
+        U_PROMPT,
+    ]
+
+
 def sd(world: Path, out: Path, *extra: str) -> int:
-    args = ["sd", "--pretrained", str(world / "base"), "--unlabeled", str(world / "U")]
-    args += ["--sensitive", str(world / "S"), "--unlabeled-prompt", U_PROMPT, "--out", str(out)]
-    return main([*args, *FAST, *extra])
+    return main([*base_args(world), "--out", str(out), *FAST, *extra])
 
 
 def generate(pipeline: StableDiffusionPipeline, prompt: str = U_PROMPT) -> np.ndarray:
@@ -142,17 +150,7 @@ def _trainer(world: Path, tmp_path: Path, cache: bool):
     from pudm.sd import SDTrainer, load_text_images
 
     args = build_parser().parse_args(
-        [
-            "sd",
-            "--pretrained",
-            str(world / "base"),
-            "--unlabeled",
-            str(world / "U"),
-            "--sensitive",
-            str(world / "S"),
-        ]
-        + ["--unlabeled-prompt", U_PROMPT, "--out", str(tmp_path), *FAST]
-        + ([] if cache else ["--no-cache"])
+        [*base_args(world), "--out", str(tmp_path), *FAST] + ([] if cache else ["--no-cache"])
     )
     config = _sd_config(args)
     data = load_text_images(config.data, need_sensitive=True)
@@ -244,16 +242,7 @@ def test_epochs_set_the_steps_and_the_paper_defaults_hold(world, tmp_path):
     from pudm.cli import _sd_config, build_parser
 
     out = tmp_path / "epochs"
-    args = [
-        "sd",
-        "--pretrained",
-        str(world / "base"),
-        "--unlabeled",
-        str(world / "U"),
-        "--sensitive",
-        str(world / "S"),
-    ]
-    args += ["--unlabeled-prompt", U_PROMPT, "--out", str(out), "--resolution", "16", "--batch-size", "4"]
+    args = [*base_args(world), "--out", str(out), "--resolution", "16", "--batch-size", "4"]
     assert main([*args, "--epochs", "2", "--lora-rank", "2", "--grid-size", "0", "--quiet"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["steps"] == 2 * 4  # 16 items, batch 4: 4 steps an epoch
@@ -297,16 +286,7 @@ def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path, capsys):
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
     new = tmp_path / "new"
-    base = [
-        "sd",
-        "--pretrained",
-        str(world / "base"),
-        "--unlabeled",
-        str(world / "U"),
-        "--sensitive",
-        str(world / "S"),
-    ]
-    base += ["--unlabeled-prompt", U_PROMPT]
+    base = base_args(world)
     cases = [
         ([*base, "--out", str(new), "--beta", "1.5"], "--beta must be in [0, 1)"),
         ([*base, "--out", str(new), "--resolution", "20"], "multiple of 8"),
