@@ -128,8 +128,11 @@ def _launch() -> tuple[dict[str, str], list[str]]:
     return env, launch
 
 
-ARGS = ["--steps", "6", "--log-every", "2", "--checkpoint-every", "3", "--quiet"]
-ARGS += ["--sample-steps", "4", "--grid-size", "8", "--method", "pu", "--beta", "0.1"]
+# No warm-up and a constant real lr (1e-3): every step moves the weights by ~1e-3 each, so a wrong
+# gradient shows far above the tolerance below.
+ARGS = ["--steps", "6", "--log-every", "2", "--checkpoint-every", "3", "--quiet", "--warmup-steps", "0"]
+ARGS += ["--sample-steps", "4", "--grid-size", "8", "--method", "pu", "--beta", "0.1", "--ema-decay", "0.5"]
+ARGS += ["--lr-schedule", "constant"]
 
 
 def _unet(run: Path) -> dict[str, torch.Tensor]:
@@ -158,9 +161,19 @@ def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batc
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
         assert a["sensitive_per_batch"] == pytest.approx(b["sensitive_per_batch"])
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
-    reference = _unet(one)
-    for name, value in _unet(two).items():
-        torch.testing.assert_close(value, reference[name], rtol=0, atol=2e-4)
+    # Weights: Adam turns the rounding noise of near-zero gradients into whole steps of a few
+    # elements, so they are compared as one vector, relative to how far training moved them
+    # between the last two checkpoints (measured: 0.002; per-process means instead of the global
+    # batch's: 1.5).
+    start = load_file(one / "checkpoints" / "step_00000003" / "model.safetensors")
+    for name, (mine, theirs) in {
+        "raw": [load_file(run / "checkpoints" / "step_00000006" / "model.safetensors") for run in (two, one)],
+        "ema": [_unet(two), _unet(one)],
+    }.items():
+        difference = torch.cat([(mine[k] - theirs[k]).flatten() for k in theirs]).norm()
+        moved = torch.cat([(theirs[k] - start[k]).flatten() for k in theirs]).norm()
+        assert float(moved) > 0.1, "the comparison needs weights that moved"
+        assert float(difference / moved) < 0.01, name
 
 
 def test_pudm_sd_lora_two_processes_matches_one_process(tmp_path):

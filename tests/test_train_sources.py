@@ -136,7 +136,6 @@ def test_image_folder_bad_input_is_one_line(folders, tmp_path, capsys):
         (["train", "--unlabeled", str(broken), "--sensitive", s], "none of its 1 image files"),
         (["train", "--unlabeled", u], "--sensitive DIR"),
         (["train", "--unlabeled", u, "--sensitive", s, "--method", "oracle"], "hidden labels"),
-        (["train", "--unlabeled", u, "--sensitive", s, "--class-conditional"], "class labels"),
         (["train", "--unlabeled", u, "--sensitive", s, "--test", str(empty)], "--test", "holds no images"),
         (["train", "--unlabeled", u, "--sensitive", s, "--image-size", "10"], "halved"),
         (_grey(folders, done), "already holds a run"),
@@ -220,18 +219,21 @@ def test_fine_tuning_a_ddim_pipeline_folder_and_its_errors(tmp_path, capsys):
 
 
 def test_class_conditional_unet_samples_per_class(tmp_path, capsys):
+    """Conditioned on the set an item came from (U: class 0, S: class 1), as the paper's captions."""
     out = tmp_path / "cc"
-    assert main(["train", "--class-conditional", "--out", str(out), *FAST, "--grid-size", "10"]) == 0
+    argv = ["train", "--class-conditional", "--method", "pu", "--out", str(out), *FAST, "--grid-size", "10"]
+    assert main(argv) == 0
     unet_config = json.loads((out / "pipeline" / "unet" / "config.json").read_text())
-    assert unet_config["num_class_embeds"] == 10
+    assert unet_config["num_class_embeds"] == 2
     draws = {}
-    for label in (3, 3, 4):
+    for label in ("0", "0", "1", None):
         target = tmp_path / f"c{label}-{len(draws)}.npz"
-        assert main(["sample", str(out), "--num", "4", "--class", str(label), "--out", str(target)]) == 0
+        given = [] if label is None else ["--class", label]
+        assert main(["sample", str(out), "--num", "4", *given, "--out", str(target)]) == 0
         draws[len(draws)] = np.load(target)["images"]
     assert np.array_equal(draws[0], draws[1])  # same class, same seed: same images
-    assert not np.array_equal(draws[0], draws[2])  # another class, same noise: other images
+    assert not np.array_equal(draws[0], draws[2])  # S's label, same noise: other images
+    assert np.array_equal(draws[0], draws[3])  # the default is U's label
     capsys.readouterr()
-    assert main(["sample", str(out), "--num", "2", "--out", str(tmp_path / "x.png")]) == 2
-    assert "give --class K (0..9)" in capsys.readouterr().err
-    assert main(["sample", str(out), "--num", "2", "--class", "10", "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["sample", str(out), "--num", "2", "--class", "2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--class must be in 0..1" in capsys.readouterr().err

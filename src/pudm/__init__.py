@@ -5,7 +5,8 @@ plus a small labeled sensitive set S, so that it generates normal data only (Tak
 ICLR 2025).
 """
 
+from pudm.errors import UsageError
 from pudm.objectives import CrossProcessSum, ObjectiveOutput, objective, sensitive_score
 
 __version__ = "0.1.0"
-__all__ = ["CrossProcessSum", "ObjectiveOutput", "objective", "sensitive_score", "__version__"]
+__all__ = ["CrossProcessSum", "ObjectiveOutput", "UsageError", "objective", "sensitive_score", "__version__"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from pudm import runs
 from pudm.classifier import Classifier, train_for_config
 from pudm.config import TRAIN_METHODS, RunConfig, default_steps, preset
+from pudm.errors import UsageError
 from pudm.evaluation import EVAL, FID_CLASSIFIER, check_classifier, evaluate_run
 
 BETA_METHODS = ("pu", "filter")  # the methods that use beta
@@ -56,18 +57,18 @@ def plan_cells(
 ) -> list[Cell]:
     for method in methods:
         if method not in TRAIN_METHODS:
-            raise ValueError(
+            raise UsageError(
                 f"unknown method {method!r} in --methods; choose from {', '.join(TRAIN_METHODS)}"
             )
     if not methods or not seeds:
-        raise ValueError("--methods and --seeds need at least one value each")
+        raise UsageError("--methods and --seeds need at least one value each")
     if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
-        raise ValueError("--methods and --seeds must not repeat a value")
+        raise UsageError("--methods and --seeds must not repeat a value")
     for beta in betas or ():
         if beta == "auto":
             continue
         if isinstance(beta, str) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"--betas: beta must be in [0, 1), got {beta}")
+            raise UsageError(f"--betas: beta must be in [0, 1), got {beta}")
     cells = []
     for method in methods:
         for beta in betas if betas and method in BETA_METHODS else [None]:
@@ -226,7 +227,7 @@ def run_benchmark(
     when it is a finished pudm run it is evaluated too, as the row before fine-tuning."""
     out = Path(out)
     if num <= 0:
-        raise ValueError(f"--num must be > 0, got {num}")
+        raise UsageError(f"--num must be > 0, got {num}")
     cells = plan_cells(methods, seeds, betas)
     if pretrained and Path(pretrained).exists():
         pretrained = str(Path(pretrained).resolve())
@@ -240,7 +241,7 @@ def run_benchmark(
         first.sample.steps if sampler == first.sample.sampler else default_steps(sampler)
     )
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: choose a folder")
+        raise UsageError(f"--out {out} is a file: choose a folder")
     if classifier_path is not None:
         classifier = Classifier.load(classifier_path)
         check_classifier(classifier, first)  # before anything is written
@@ -293,13 +294,7 @@ def run_benchmark(
         if cell.beta == "auto":
             _estimate_beta(configs[cell.name], run_dir, log)
         ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
-        evals[cell.name] = evaluate(run_dir)
-        filter_file = run_dir / "filter.json"
-        if filter_file.is_file():
-            report = runs.read_json(filter_file)
-            evals[cell.name]["filter"] = {
-                k: v for k, v in report.items() if k not in ("kept_indices", "scores")
-            }
+        evals[cell.name] = evaluate(run_dir)  # a filter run's eval.json holds its filter report
         log(
             f"    non-sensitive rate {evals[cell.name]['non_sensitive_rate']:.3f}, "
             f"{FID_CLASSIFIER} {evals[cell.name]['fid_classifier']:.2f}"

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pudm import runs
+from pudm.errors import UsageError
 
 ARCHITECTURES = ("cnn", "resnet18", "resnet34")
 CLASSIFIER_KIND = "pudm-classifier"
@@ -96,7 +97,7 @@ def build_classifier(arch: str, channels: int, num_classes: int, image_size: int
         return SmallCNN(channels, num_classes)
     if arch in ("resnet18", "resnet34"):
         return ResNetClassifier(arch, channels, num_classes, image_size)
-    raise ValueError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    raise UsageError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
 def load_backbone_weights(model: nn.Module, path: Path) -> None:
@@ -105,17 +106,17 @@ def load_backbone_weights(model: nn.Module, path: Path) -> None:
     their shapes differ (the small-image stem, another number of classes)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--weights {path} does not exist: give the path of a ResNet state dict file")
+        raise UsageError(f"--weights {path} does not exist: give the path of a ResNet state dict file")
     if not isinstance(model, ResNetClassifier):
-        raise ValueError("--weights applies to resnet18/resnet34 only: drop it or choose --arch resnet34")
+        raise UsageError("--weights applies to resnet18/resnet34 only: drop it or choose --arch resnet34")
     try:
         state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same answer
-        raise ValueError(f"--weights {path} is not a readable state dict ({error}): check the file") from None
+        raise UsageError(f"--weights {path} is not a readable state dict ({error}): check the file") from None
     own = model.net.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(usable) < len(own) // 2:
-        raise ValueError(f"--weights {path} does not match a {type(model.net).__name__}: check the file")
+        raise UsageError(f"--weights {path} does not match a {type(model.net).__name__}: check the file")
     model.net.load_state_dict(usable, strict=False)
 
 
@@ -239,7 +240,7 @@ class Classifier:
             self.info.image_size,
             self.info.channels,
         ):
-            raise ValueError(
+            raise UsageError(
                 f"images of shape {tuple(images.shape[1:])} do not fit a classifier for "
                 f"{self.info.image_size}x{self.info.image_size}x{self.info.channels}: "
                 "use a classifier trained for this data"
@@ -274,19 +275,19 @@ class Classifier:
         path = Path(path)
         config_file, weights = path / "config.json", path / "model.safetensors"
         if not config_file.is_file() or not weights.is_file():
-            raise ValueError(
+            raise UsageError(
                 f"--classifier {path} is not a pudm classifier folder (config.json + model.safetensors): "
                 "train one with pudm classifier train"
             )
         values = runs.read_json(config_file)
         if values.pop("kind", None) != CLASSIFIER_KIND:
-            raise ValueError(f"--classifier {path}: config.json is not a pudm classifier's: check the path")
+            raise UsageError(f"--classifier {path}: config.json is not a pudm classifier's: check the path")
         try:
             info = ClassifierInfo(**{**values, "normal_classes": tuple(values["normal_classes"])})
             model = build_classifier(info.arch, info.channels, info.num_classes, info.image_size)
             model.load_state_dict(load_file(weights))
         except Exception as error:  # noqa: BLE001 - a damaged folder gets one answer
-            raise ValueError(
+            raise UsageError(
                 f"--classifier {path} could not be loaded ({type(error).__name__}): train it again"
             ) from None
         return cls(model, info, path)
@@ -355,7 +356,7 @@ def train_for_config(
 
     data = config.data
     if data.source == "folders":
-        raise ValueError(
+        raise UsageError(
             "image folders have no class labels: train a folder classifier with "
             "pudm classifier train --normal DIR --sensitive DIR"
         )

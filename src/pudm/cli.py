@@ -22,13 +22,9 @@ from pudm.config import (
     default_steps,
     preset,
 )
+from pudm.errors import UsageError
 from pudm.models import MODEL_PRESETS, model_preset
 from pudm.objectives import CORRECTIONS
-
-
-class UsageError(ValueError):
-    """Bad input from the user; the message names the problem and the fix."""
-
 
 # CLI flag -> (config section, field). Every flag defaults to None: "keep the preset's value".
 TRAIN_OVERRIDES = {
@@ -138,7 +134,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument(
         "--class-conditional",
         action="store_true",
-        help="a class-conditional UNet: each item's class label conditions it (labeled data only)",
+        help="a UNet conditioned on the set each item came from: class 0 for every U item, 1 for every "
+        "S item (never the hidden truth); sample with --class 0, U's label (the default)",
     )
     optim.add_argument(
         "--prediction-type",
@@ -205,9 +202,9 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
                 value = str(value.resolve())  # the run can be resumed from anywhere
             setattr(getattr(config, section), field, value)
     if getattr(args, "class_conditional", False):
-        from pudm.data import num_classes
+        from pudm.training import SET_CLASSES
 
-        config.model.num_classes = num_classes(config.data.source)
+        config.model.num_classes = SET_CLASSES
     pretrained = getattr(args, "pretrained", None) or config.model.pretrained
     if pretrained:
         _use_pretrained(config, pretrained, args)
@@ -307,8 +304,6 @@ def command_train(args: argparse.Namespace) -> int:
     config = _resume_config(args) if args.resume else resolve_config(args)
     split = split_from_config(config, report=lambda message: print(f"pudm train: {message}", file=sys.stderr))
     check_method_fits_data(config.train.method, split)
-    if config.model.num_classes and split.unlabeled_labels is None:
-        raise UsageError("--class-conditional needs class labels for U and S, and this data has none")
     if args.beta == AUTO and not args.resume:
         if config.train.method not in ("pu", "filter"):
             raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
@@ -408,14 +403,14 @@ def command_sample(args: argparse.Namespace) -> int:
 
 
 def _class_labels(args: argparse.Namespace, unet):
-    """``--class K`` for a class-conditional UNet: every sample of class K."""
+    """``--class K`` for a class-conditional UNet: every sample of class K (default: U's label)."""
     import torch
+
+    from pudm.training import UNLABELED_LABEL
 
     classes = unet.config.num_class_embeds
     if args.class_label is None:
-        if classes:
-            raise UsageError(f"{args.run} is class-conditional: give --class K (0..{classes - 1})")
-        return None
+        return torch.full((args.num,), UNLABELED_LABEL, dtype=torch.long) if classes else None
     if not classes:
         raise UsageError(f"{args.run} is not class-conditional: drop --class")
     if not 0 <= args.class_label < classes:
@@ -983,7 +978,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, help="sampling steps (default: the run's, 1000 for ddpm)")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     sample.add_argument(
-        "--class", dest="class_label", type=int, help="class-conditional runs: draw every sample of class K"
+        "--class",
+        dest="class_label",
+        type=int,
+        help="class-conditional runs: draw every sample of class K (0: U's label, the default; 1: S's)",
     )
     sample.add_argument("--prompt", help="pudm sd runs: the text prompt (default: the run's)")
     sample.add_argument("--guidance-scale", type=float, help="pudm sd runs: classifier-free guidance")
@@ -1117,7 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (UsageError, runs.RunError, ValueError) as error:
+    except UsageError as error:
+        # pudm's own user errors only (RunError, SDError, ... derive from it): anything else is a
+        # defect and keeps its traceback.
         print(f"pudm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

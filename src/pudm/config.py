@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pudm.data import SOURCES
+from pudm.errors import UsageError
 from pudm.objectives import CORRECTIONS
 
 TRAIN_METHODS = ("unsupervised", "supervised", "pu", "filter", "oracle")
@@ -23,7 +24,7 @@ DEFAULT_SAMPLING_STEPS = {"ddpm": 1000, "ddim": 50, "dpm": 20, "dpm-sde": 10}
 def default_steps(sampler: str) -> int:
     """The default number of sampling steps of ``sampler``."""
     if sampler not in DEFAULT_SAMPLING_STEPS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     return DEFAULT_SAMPLING_STEPS[sampler]
 
 
@@ -129,7 +130,7 @@ def section_from_dict(kind: type, section: dict[str, Any]) -> Any:
     """One config dataclass from its JSON form (lists back to tuples); unknown fields are an error."""
     unknown = set(section) - {f.name for f in dataclasses.fields(kind)}
     if unknown:
-        raise ValueError(f"unknown {kind.__name__} fields {sorted(unknown)}")
+        raise UsageError(f"unknown {kind.__name__} fields {sorted(unknown)}")
     return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in section.items()})
 
 
@@ -170,19 +171,19 @@ class RunConfig(StoredConfig):
         """Check every field a user can set; raise ValueError naming the field and the fix."""
         data, train, sample = self.data, self.train, self.sample
         if data.source not in SOURCES:
-            raise ValueError(f"unknown data source {data.source!r}; choose one of {', '.join(SOURCES)}")
+            raise UsageError(f"unknown data source {data.source!r}; choose one of {', '.join(SOURCES)}")
         if data.source == "folders" and not (data.unlabeled_dir and data.sensitive_dir):
-            raise ValueError("image folders need both --unlabeled DIR and --sensitive DIR")
+            raise UsageError("image folders need both --unlabeled DIR and --sensitive DIR")
         if self.model.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.model.num_classes}")
+            raise UsageError(f"num_classes must be >= 0, got {self.model.num_classes}")
         if train.method not in TRAIN_METHODS:
-            raise ValueError(f"unknown method {train.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
+            raise UsageError(f"unknown method {train.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
         if train.correction not in CORRECTIONS:
-            raise ValueError(
+            raise UsageError(
                 f"unknown correction {train.correction!r}; choose one of {', '.join(CORRECTIONS)}"
             )
         if not 0.0 <= train.beta < 1.0:
-            raise ValueError(f"--beta must be in [0, 1), got {train.beta}")
+            raise UsageError(f"--beta must be in [0, 1), got {train.beta}")
         positive = {
             "--steps": train.steps,
             "--batch-size": train.batch_size,
@@ -199,33 +200,33 @@ class RunConfig(StoredConfig):
         }
         for name, value in positive.items():
             if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+                raise UsageError(f"{name} must be > 0, got {value}")
         if train.filter_folds < 2:
-            raise ValueError(f"--filter-folds must be >= 2, got {train.filter_folds}")
+            raise UsageError(f"--filter-folds must be >= 2, got {train.filter_folds}")
         if train.learning_rate <= 0:
-            raise ValueError(f"--lr must be > 0, got {train.learning_rate}")
+            raise UsageError(f"--lr must be > 0, got {train.learning_rate}")
         if train.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps must be >= 0, got {train.warmup_steps}")
+            raise UsageError(f"--warmup-steps must be >= 0, got {train.warmup_steps}")
         if not 0.0 <= train.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1), got {train.ema_decay}")
+            raise UsageError(f"--ema-decay must be in [0, 1), got {train.ema_decay}")
         if train.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"--lr-schedule must be cosine or constant, got {train.lr_schedule!r}")
+            raise UsageError(f"--lr-schedule must be cosine or constant, got {train.lr_schedule!r}")
         if train.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {train.mixed_precision!r}")
+            raise UsageError(f"--mixed-precision must be no, fp16 or bf16, got {train.mixed_precision!r}")
         if self.model.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
+            raise UsageError(
                 f"unknown prediction type {self.model.prediction_type!r}; choose one of "
                 f"{', '.join(PREDICTION_TYPES)}"
             )
         if sample.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sample.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+            raise UsageError(f"unknown sampler {sample.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.model.pretrained is None:
             check_image_size(self.model, data.image_size)
         elif (data.image_size, data.channels) != (
             self.model.pretrained_image_size,
             self.model.pretrained_channels,
         ):
-            raise ValueError(
+            raise UsageError(
                 f"--pretrained {self.model.pretrained} takes {self.model.pretrained_image_size} px images "
                 f"with {self.model.pretrained_channels} channels, the data has {data.image_size} px and "
                 f"{data.channels}: use --image-size {self.model.pretrained_image_size} --channels "
@@ -233,14 +234,14 @@ class RunConfig(StoredConfig):
             )
         k = data.sensitive_per_batch
         if k is not None and not 0 < k < train.batch_size:
-            raise ValueError(f"--sensitive-per-batch must be in [1, batch size {train.batch_size}), got {k}")
+            raise UsageError(f"--sensitive-per-batch must be in [1, batch size {train.batch_size}), got {k}")
 
 
 def check_image_size(model: ModelConfig, image_size: int) -> None:
     """The UNet halves the image once per level but the last: the size must survive that."""
     levels = len(model.block_out_channels)
     if image_size % (2 ** (levels - 1)):
-        raise ValueError(
+        raise UsageError(
             f"image size {image_size} cannot be halved {levels - 1} times by a {levels}-level UNet: "
             f"use an image size divisible by {2 ** (levels - 1)}"
         )
@@ -351,5 +352,5 @@ def preset(name: str) -> RunConfig:
     """A fresh copy of the named preset (names are matched without regard to case)."""
     found = {key.lower(): key for key in PRESETS}.get(name.lower())
     if found is None:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[found]()

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pudm.errors import UsageError
+
 SOURCES = ("digits", "mnist", "cifar10", "stl10", "celeba", "folders")
 
 
@@ -115,7 +117,7 @@ def load_source(
 
     if name in PAPER_SOURCES:
         return load_paper_source(name, image_size, channels, data_dir, download)
-    raise ValueError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
+    raise UsageError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
 
 
 def build_pu_split(
@@ -143,11 +145,11 @@ def build_pu_split(
         ("num_test", num_test),
     ):
         if count < 0:
-            raise ValueError(f"{name} must be >= 0, got {count}")
+            raise UsageError(f"{name} must be >= 0, got {count}")
     if num_sensitive == 0:
-        raise ValueError("the labeled sensitive set S is empty: set num_sensitive > 0")
+        raise UsageError("the labeled sensitive set S is empty: set num_sensitive > 0")
     if num_unlabeled_normal + num_unlabeled_sensitive == 0:
-        raise ValueError("the unlabeled set U is empty: set num_unlabeled_normal > 0")
+        raise UsageError("the unlabeled set U is empty: set num_unlabeled_normal > 0")
 
     classes = torch.tensor(normal_classes, dtype=source.labels.dtype)
     is_normal = torch.isin(source.labels, classes)
@@ -163,7 +165,7 @@ def build_pu_split(
         test_normal = torch.nonzero(torch.isin(source.test_labels, classes)).squeeze(1)
         test_normal = test_normal[torch.randperm(len(test_normal), generator=generator)]
         if num_test > len(test_normal):
-            raise ValueError(
+            raise UsageError(
                 f"{source.name}'s test split has {len(test_normal)} normal items but the split asks for "
                 f"{num_test}: lower the test count"
             )
@@ -173,12 +175,12 @@ def build_pu_split(
     need_normal = num_unlabeled_normal + num_test
     need_sensitive = num_unlabeled_sensitive + num_sensitive
     if need_normal > len(normal_idx):
-        raise ValueError(
+        raise UsageError(
             f"{source.name} has {len(normal_idx)} normal items but the split asks for {need_normal} "
             f"({'U normal' if separate_test else 'U normal + test'}): lower the counts"
         )
     if need_sensitive > len(sensitive_idx):
-        raise ValueError(
+        raise UsageError(
             f"{source.name} has {len(sensitive_idx)} sensitive items but the split asks for "
             f"{need_sensitive} (U sensitive + S): lower the counts"
         )
@@ -219,7 +221,7 @@ class IndexStream:
 
     def __init__(self, size: int, seed: int):
         if size <= 0:
-            raise ValueError("cannot draw batches from an empty set")
+            raise UsageError("cannot draw batches from an empty set")
         self.size = size
         self.seed = seed
         self._epoch = -1
@@ -262,9 +264,9 @@ class PUBatches:
         sensitive_per_batch: int | None = None,
     ):
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+            raise UsageError(f"batch_size must be > 0, got {batch_size}")
         if sensitive_per_batch is not None and not 0 <= sensitive_per_batch <= batch_size:
-            raise ValueError(
+            raise UsageError(
                 f"sensitive_per_batch must be in [0, batch_size={batch_size}], got {sensitive_per_batch}"
             )
         self.num_unlabeled = num_unlabeled
@@ -286,7 +288,7 @@ class PUBatches:
         exactly the items that one process with batch N*B sees (pooled batches, in the same order).
         """
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+            raise UsageError(f"rank must be in [0, {world_size}), got {rank}")
         block = step * world_size + rank
         if self.sensitive_per_batch is None:
             return self._pool.take(block * self.batch_size, self.batch_size)
@@ -297,16 +299,3 @@ class PUBatches:
             return unlabeled
         sensitive = self._sensitive.take(block * num_s, num_s) + self.num_unlabeled
         return torch.cat([unlabeled, sensitive])
-
-
-# Classes of each labeled source (a class-conditional UNet has one embedding per class).
-SOURCE_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "stl10": 10, "celeba": 2}
-
-
-def num_classes(source: str) -> int:
-    if source not in SOURCE_CLASSES:
-        raise ValueError(
-            f"a class-conditional model needs class labels, and data source {source!r} has none: "
-            "drop --class-conditional"
-        )
-    return SOURCE_CLASSES[source]

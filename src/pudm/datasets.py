@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pudm.data import LabeledSource, resize_images
+from pudm.errors import UsageError
 
 PAPER_SOURCES = ("mnist", "cifar10", "stl10", "celeba")
 REQUIRED = {
@@ -104,7 +105,7 @@ def to_model_images(pixels: torch.Tensor, image_size: int, channels: int) -> tor
     return images.contiguous()
 
 
-class DatasetMissing(ValueError):
+class DatasetMissing(UsageError):
     """A data set is not on disk and could not be downloaded; names the files and the fix."""
 
 
@@ -235,7 +236,7 @@ def read_stl10(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
     pixels = np.fromfile(folder / f"{part}_X.bin", dtype=np.uint8).reshape(-1, 3, 96, 96)
     labels = np.fromfile(folder / f"{part}_y.bin", dtype=np.uint8).astype(np.int64) - 1
     if len(labels) != len(pixels):
-        raise ValueError(f"{part}_X.bin holds {len(pixels)} images and {part}_y.bin {len(labels)} labels")
+        raise UsageError(f"{part}_X.bin holds {len(pixels)} images and {part}_y.bin {len(labels)} labels")
     return pixels.transpose(0, 1, 3, 2), labels
 
 
@@ -266,7 +267,7 @@ def _celeba(root: Path, image_size: int, channels: int) -> LabeledSource:
     names, columns, attributes = read_celeba_table(folder / "list_attr_celeba.txt", 2)
     partition_names, _, partition = read_celeba_table(folder / "list_eval_partition.txt", 0)
     if partition_names != names:
-        raise ValueError("list_eval_partition.txt and list_attr_celeba.txt list different images")
+        raise UsageError("list_eval_partition.txt and list_attr_celeba.txt list different images")
     male = (attributes[:, columns.index("Male")] > 0).astype(np.int64)
     split = partition[:, 0]
     files = np.asarray(names)

@@ -25,6 +25,7 @@ from torch import nn
 from pudm import runs
 from pudm.classifier import Classifier
 from pudm.config import RunConfig, default_steps
+from pudm.errors import UsageError
 from pudm.sampling import save_grid, to_uint8
 
 EVAL = "eval.json"
@@ -35,7 +36,7 @@ FID_CLASSIFIER = "FID (classifier features)"
 def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a binomial proportion (well-behaved near 0 and 1)."""
     if total <= 0:
-        raise ValueError("no samples to evaluate")
+        raise UsageError("no samples to evaluate")
     p = successes / total
     denominator = 1.0 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
@@ -46,7 +47,7 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
 def non_sensitive_rate(predicted: np.ndarray, normal_classes: tuple[int, ...]) -> float:
     """Share of samples whose predicted class is normal (1.0 = never sensitive)."""
     if len(predicted) == 0:
-        raise ValueError("no samples to evaluate")
+        raise UsageError("no samples to evaluate")
     return float(np.isin(predicted, normal_classes).mean())
 
 
@@ -98,11 +99,11 @@ def inception_fid(real: np.ndarray, fake: np.ndarray, weights: Path | None = Non
         kwargs = {"feature_extractor_weights_path": str(weights)} if weights else {}
         metric = FrechetInceptionDistance(feature=2048, normalize=False, **kwargs)
     except ModuleNotFoundError as error:
-        raise ValueError(
+        raise UsageError(
             f"Inception FID needs torch-fidelity ({error.name} is missing): pip install 'pudm[inception]'"
         ) from None
     except Exception as error:  # noqa: BLE001 - download failures come in many types
-        raise ValueError(
+        raise UsageError(
             f"the Inception-v3 weights could not be loaded ({type(error).__name__}); offline, pass "
             "--inception-weights FILE with torch-fidelity's weights-inception-2015-12-05-6726825d.pth"
         ) from None
@@ -148,7 +149,7 @@ def check_classifier(classifier: Classifier, config: RunConfig) -> None:
     data = config.data
     mismatch = classifier.info.fits(data.source, data.image_size, data.channels, data.normal_classes)
     if mismatch:
-        raise ValueError(
+        raise UsageError(
             f"classifier {classifier.path} was trained for {classifier.info.preset} with {mismatch}: "
             f"train one with pudm classifier train --preset {config.preset}"
         )
@@ -173,11 +174,11 @@ def evaluate_run(
     """
     from pudm.models import load_pipeline
     from pudm.sampling import generate
-    from pudm.training import mixture_labels, split_from_config
+    from pudm.training import UNLABELED_LABEL, split_from_config
 
     run_dir = Path(run_dir)
     if num <= 0:
-        raise ValueError(f"--num must be > 0, got {num}")
+        raise UsageError(f"--num must be > 0, got {num}")
     config = run_config(run_dir)
     check_classifier(classifier, config)
     if not (run_dir / "pipeline" / "model_index.json").is_file():
@@ -188,7 +189,7 @@ def evaluate_run(
     sampler = sampler or config.sample.sampler
     steps = steps or (config.sample.steps if sampler == config.sample.sampler else default_steps(sampler))
     if steps <= 0:
-        raise ValueError(f"--steps must be > 0, got {steps}")
+        raise UsageError(f"--steps must be > 0, got {steps}")
     split = split_from_config(config)
     reference = to_uint8(split.test)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,8 +203,8 @@ def evaluate_run(
         steps=steps,
         seed=seed,
         show_progress=show_progress,
-        # A class-conditional model draws its classes with U's frequencies, like an unconditional one.
-        class_labels=mixture_labels(split, num, seed) if config.model.num_classes else None,
+        # A class-conditional model is asked for U's label: what a user of the model asks for.
+        class_labels=torch.full((num,), UNLABELED_LABEL) if config.model.num_classes else None,
     )
     sampling_seconds = time.perf_counter() - start
     save_grid(images[:64], run_dir / EVAL_GRID)
@@ -227,8 +228,26 @@ def evaluate_run(
             "fingerprint": classifier.fingerprint(),
         },
     }
+    report = filter_truth_report(run_dir, split)
+    if report is not None:
+        result["filter"] = report
     runs.atomic_write_json(run_dir / EVAL, result)
     return result
+
+
+def filter_truth_report(run_dir: Path, split) -> dict | None:
+    """A ``filter`` run's drop counts judged against the hidden truth of U (precision, recall),
+    where the data has one; None for other runs. The evaluator's job: training never reads it."""
+    from pudm.filtering import filter_report
+    from pudm.training import FILTER
+
+    path = Path(run_dir) / FILTER
+    if not path.is_file():
+        return None
+    stored = runs.read_json(path)
+    keep = torch.zeros(len(split.unlabeled), dtype=torch.bool)
+    keep[torch.tensor(stored.get("kept_indices", []), dtype=torch.long)] = True
+    return filter_report(keep, split.unlabeled_is_sensitive)
 
 
 def resize_uint8(images: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -271,7 +290,7 @@ def evaluate_sd_run(
     config = load_run_config(run_dir)
     prompt = prompt or (config.sample.prompts[0] if config.sample.prompts else config.data.unlabeled_prompt)
     if not prompt:
-        raise ValueError("--prompt is required: this run has no default prompt")
+        raise UsageError("--prompt is required: this run has no default prompt")
     sampler = sampler or config.sample.sampler
     steps = steps or (config.sample.steps if sampler == config.sample.sampler else default_steps(sampler))
     info = classifier.info

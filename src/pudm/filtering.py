@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pudm.classifier import FitConfig, build_classifier, fit, predict_proba
+from pudm.errors import UsageError
 
 
 def sensitive_scores(
@@ -22,9 +23,9 @@ def sensitive_scores(
 ) -> torch.Tensor:
     """Out-of-fold P(sensitive | x) for every item of ``unlabeled`` (images in [-1, 1], NCHW)."""
     if len(sensitive) == 0:
-        raise ValueError("the filter baseline needs labeled sensitive images (S is empty): add S")
+        raise UsageError("the filter baseline needs labeled sensitive images (S is empty): add S")
     if not 2 <= folds <= len(unlabeled):
-        raise ValueError(f"--filter-folds must be in [2, |U| = {len(unlabeled)}], got {folds}")
+        raise UsageError(f"--filter-folds must be in [2, |U| = {len(unlabeled)}], got {folds}")
     fit_config = fit_config or FitConfig()
     generator = torch.Generator().manual_seed(fit_config.seed)
     fold_of = torch.randperm(len(unlabeled), generator=generator) % folds

@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from pudm.errors import UsageError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 METADATA = "metadata.jsonl"
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(UsageError):
     """A folder that cannot be used; the message names the folder or file and the fix."""
 
 

@@ -16,6 +16,7 @@ from diffusers import (
 )
 
 from pudm.config import PAPER_MODEL, ModelConfig, check_image_size
+from pudm.errors import UsageError
 
 MODEL_PRESETS = {
     # ~1.1 M parameters: trains on 8x8 digits in minutes on 2 CPU cores.
@@ -28,7 +29,7 @@ MODEL_PRESETS = {
 
 def model_preset(name: str) -> ModelConfig:
     if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        raise UsageError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
     return dataclasses.replace(MODEL_PRESETS[name])
 
 
@@ -68,7 +69,7 @@ def sampler_scheduler(name: str, training_scheduler_config: dict):
         "dpm-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     }
     if name not in kinds:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(kinds)}")
+        raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(kinds)}")
     kind, options = kinds[name]
     return kind.from_config(training_scheduler_config, **options)
 
@@ -125,7 +126,7 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str], flag: str = "--pretrai
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except Exception as error:  # noqa: BLE001 - offline, unknown or gated repository
         reason = str(error).splitlines()[0][:160] if str(error) else ""
-        raise ValueError(
+        raise UsageError(
             f"{flag} {repo_id} could not be downloaded ({type(error).__name__}: {reason}): download it "
             f"where there is internet (huggingface-cli download {repo_id}) and pass the local folder"
         ) from None
@@ -139,12 +140,12 @@ def pretrained_pipeline_dir(pretrained: str) -> Path:
         for folder in (path, path / "pipeline"):
             if (folder / "unet" / "config.json").is_file() and (folder / "scheduler").is_dir():
                 return folder
-        raise ValueError(
+        raise UsageError(
             f"--pretrained {pretrained} is neither a diffusers pipeline folder (unet/, scheduler/) nor a "
             "finished pudm run: check the path"
         )
     if not _HUB_ID.match(pretrained):
-        raise ValueError(
+        raise UsageError(
             f"--pretrained {pretrained} does not exist: give a pipeline folder, a run or a hub id"
         )
     folder = hub_snapshot(pretrained, PIPELINE_FILES)
@@ -160,11 +161,11 @@ def pretrained_model_config(pretrained: str) -> ModelConfig:
         unet = UNet2DModel.load_config(folder, subfolder="unet")
         schedule = DDPMScheduler.load_config(folder, subfolder="scheduler")
     except Exception as error:  # noqa: BLE001 - a broken folder gets one answer
-        raise ValueError(
+        raise UsageError(
             f"--pretrained {pretrained}: its configs cannot be read ({type(error).__name__})"
         ) from None
     if unet.get("_class_name") not in (None, "UNet2DModel"):
-        raise ValueError(
+        raise UsageError(
             f"--pretrained {pretrained} holds a {unet.get('_class_name')}, not an unconditional UNet2DModel: "
             "Stable Diffusion pipelines go to pudm sd"
         )
@@ -197,7 +198,7 @@ def load_pretrained(pretrained: str) -> tuple[UNet2DModel, DDPMScheduler]:
         schedule = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     except Exception as error:  # noqa: BLE001
         reason = str(error).splitlines()[0][:160] if str(error) else ""
-        raise ValueError(
+        raise UsageError(
             f"--pretrained {pretrained}: the UNet could not be loaded ({type(error).__name__}: {reason}): "
             "check that the folder is a complete diffusers pipeline"
         ) from None

@@ -36,6 +36,8 @@ CORRECTIONS = ("abs", "nn")
 
 # l is clamped away from 0 before h(l) = -log(1 - exp(-l)), which is +inf at l = 0.
 _MIN_LOSS = 1e-6
+# An S item's h(l) counts as "live" (it still carries a gradient worth the name) above this.
+LIVE_SCORE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class ObjectiveOutput:
         corrected: whether the absPU/nnPU correction fired (the bracket was negative).
         num_unlabeled: items from U in the batch (the global batch under data parallelism).
         num_sensitive: items from S in the batch (the global batch under data parallelism).
+        live_sensitive_fraction: share of the batch's S items whose h(l) is above 1e-6 (0 when
+            there is no S item). With l summed over dimensions, h(l) is exactly 0 in float32 once
+            l > ~104, and ``supervised``'s S term and ``pu``'s positive risk are then dead.
     """
 
     loss: torch.Tensor
@@ -64,6 +69,7 @@ class ObjectiveOutput:
     corrected: torch.Tensor
     num_unlabeled: torch.Tensor
     num_sensitive: torch.Tensor
+    live_sensitive_fraction: torch.Tensor
 
     def log_dict(self) -> dict[str, float]:
         """Host-side floats for logging. Synchronises with the device: call at log ticks only."""
@@ -77,6 +83,7 @@ class ObjectiveOutput:
             "corrected": float(self.corrected.detach()),
             "num_unlabeled": int(self.num_unlabeled),
             "num_sensitive": int(self.num_sensitive),
+            "live_sensitive_fraction": float(self.live_sensitive_fraction.detach()),
         }
 
 
@@ -121,13 +128,15 @@ class CrossProcessSum:
 def _global_sums(local: torch.Tensor, reduce: CrossProcessSum | None) -> torch.Tensor:
     """The global value of per-process sums whose gradient flows to this process's items only.
 
-    ``local + (sum_over_processes(local) - local)`` with the bracket detached: forward, the global
-    sum; backward, d/d(local). Differentiating any function of the result therefore gives, on each
+    ``global + (local - local.detach())``: forward, exactly the all-reduced sum (the added term
+    is exactly zero), so every process holds bit-identical means, bracket, sign and finite check;
+    backward, d/d(local). Differentiating any function of the result therefore gives, on each
     process, the global objective's derivative with respect to that process's own items.
+    (``local + (global - local)`` would round differently on each process.)
     """
     if reduce is None:
         return local
-    return local + (reduce(local) - local.detach())
+    return reduce(local) + (local - local.detach())
 
 
 def objective(
@@ -151,7 +160,7 @@ def objective(
             ``pu`` to ``unsupervised``.
         correction: ``"abs"`` (absPU, the paper's choice) or ``"nn"`` (nnPU) for ``pu``.
         reduce: under data-parallel training, a :class:`CrossProcessSum`. The counts and sums of
-            every process are added up (one all-reduce of six numbers) before the means, the
+            every process are added up (one all-reduce of seven numbers) before the means, the
             bracket and its sign are formed, so every process reports the objective of the global
             batch, and the backpropagated loss is scaled so that, once the data-parallel wrapper
             *averages* the gradients, N processes with batch B give exactly the gradient of one
@@ -178,6 +187,8 @@ def objective(
     unlabeled = ~sensitive
     zeros = torch.zeros_like(loss)
     scores = sensitive_score(loss) if method != "unsupervised" else zeros
+    # Logged only: computed for every method, so a user sees when h(l) is dead before choosing one.
+    live = sensitive & (sensitive_score(loss.detach()) > LIVE_SCORE)
 
     # Everything the objective needs is a sum over the batch: with several processes these are
     # summed over processes first (counts too), so the objective is the global batch's.
@@ -190,11 +201,14 @@ def objective(
                 unlabeled.sum().to(loss.dtype),
                 sensitive.sum().to(loss.dtype),
                 loss.new_tensor(float(loss.numel())),
+                live.sum().to(loss.dtype),
             ]
         ),
         reduce,
     )
-    sum_unlabeled, sum_sensitive, sum_scores, count_unlabeled, count_sensitive, count_all = sums.unbind()
+    (sum_unlabeled, sum_sensitive, sum_scores, count_unlabeled, count_sensitive, count_all, count_live) = (
+        sums.unbind()
+    )
     # Counts clamped to >= 1 so that a batch without items of one kind gives 0, not NaN.
     mean_unlabeled = sum_unlabeled / count_unlabeled.detach().clamp_min(1)
     mean_sensitive = sum_sensitive / count_sensitive.detach().clamp_min(1)
@@ -237,4 +251,5 @@ def objective(
         corrected=corrected,
         num_unlabeled=count_unlabeled_int,
         num_sensitive=count_sensitive_int,
+        live_sensitive_fraction=count_live.detach() / count_sensitive.detach().clamp_min(1),
     )

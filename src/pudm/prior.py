@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pudm.classifier import FitConfig, predict_proba
+from pudm.errors import UsageError
 from pudm.filtering import fit_sensitive_classifier
 
 # Fewer labeled sensitive items than this: no estimate (an error naming the fix).
@@ -64,7 +65,7 @@ def bbe(scores_unlabeled: np.ndarray, scores_sensitive: np.ndarray, delta: float
     u = np.sort(np.asarray(scores_unlabeled, dtype=np.float64))
     s = np.sort(np.asarray(scores_sensitive, dtype=np.float64))
     if len(u) == 0 or len(s) == 0:
-        raise ValueError("best bin estimation needs scored items of both U and S")
+        raise UsageError("best bin estimation needs scored items of both U and S")
     thresholds = np.unique(s)  # every candidate bin starts at a score of S, so q_S > 0
     q_u = (len(u) - np.searchsorted(u, thresholds, side="left")) / len(u)
     q_s = (len(s) - np.searchsorted(s, thresholds, side="left")) / len(s)
@@ -150,15 +151,15 @@ def _digest(images: torch.Tensor) -> set[str]:
 def check_inputs(unlabeled: torch.Tensor, sensitive: torch.Tensor) -> list[str]:
     """Refuse inputs that cannot give an estimate; return warnings for ones that give a shaky one."""
     if len(sensitive) < MIN_SENSITIVE:
-        raise ValueError(
+        raise UsageError(
             f"S holds {len(sensitive)} items; estimating beta needs at least {MIN_SENSITIVE} "
             "(a few hundred for a stable estimate): add labeled sensitive images or pass --beta VALUE"
         )
     if len(unlabeled) < MIN_SENSITIVE:
-        raise ValueError(f"U holds {len(unlabeled)} items; estimating beta needs at least {MIN_SENSITIVE}")
+        raise UsageError(f"U holds {len(unlabeled)} items; estimating beta needs at least {MIN_SENSITIVE}")
     shared = len(_digest(unlabeled) & _digest(sensitive))
     if shared > len(unlabeled) // 2:
-        raise ValueError(
+        raise UsageError(
             f"U and S are the same data ({shared} of the {len(unlabeled)} items of U are also in S): "
             "give the unlabeled data and the labeled sensitive data separately"
         )
@@ -187,7 +188,7 @@ def estimate_prior(
     """
     warnings = check_inputs(unlabeled, sensitive)
     if not 2 <= folds <= len(sensitive):
-        raise ValueError(f"--folds must be in [2, |S| = {len(sensitive)}], got {folds}")
+        raise UsageError(f"--folds must be in [2, |S| = {len(sensitive)}], got {folds}")
     scores_u, scores_s = cnn_scores(unlabeled, sensitive, folds, FitConfig(epochs=epochs, seed=seed))
     beta, low, high = bbe_interval(scores_u, scores_s, resamples=resamples, seed=seed)
     result = PriorEstimate(
@@ -223,7 +224,7 @@ def estimate_prior(
 def usable_beta(estimate: PriorEstimate) -> float:
     """The estimate as a training beta, refused where it cannot be one."""
     if estimate.beta >= MAX_USABLE:
-        raise ValueError(
+        raise UsageError(
             f"the estimated share of sensitive items in U is {estimate.beta:.2f}: U looks like S, so PU "
             "training cannot separate them; check the data, or pass --beta VALUE"
         )

@@ -16,6 +16,7 @@ so a killed process never leaves a half-written checkpoint, config or pipeline.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -25,13 +26,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pudm.errors import UsageError
+
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 _STEP_PREFIX = "step_"
 
 
-class RunError(ValueError):
+class RunError(UsageError):
     """A problem with a run folder that the user can fix (named in the message)."""
 
 
@@ -68,7 +71,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, values: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
+    """Strict JSON (non-finite numbers written as null), written atomically."""
+    text = json.dumps(finite_or_none(values), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
@@ -204,9 +209,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return {"model": model, "ema": ema, "state": state, "config": config}
 
 
+def finite_or_none(values: Any) -> Any:
+    """``values`` with every non-finite float (NaN, inf) replaced by None, recursively.
+
+    JSON has no NaN or Infinity: Python's ``json`` would write bare ``NaN`` tokens that ``jq`` and
+    most other readers refuse.
+    """
+    if isinstance(values, float):
+        return values if math.isfinite(values) else None
+    if isinstance(values, dict):
+        return {key: finite_or_none(value) for key, value in values.items()}
+    if isinstance(values, (list, tuple)):
+        return [finite_or_none(value) for value in values]
+    return values
+
+
 def append_jsonl(path: Path, values: dict[str, Any]) -> None:
+    """Append one line of strict JSON (non-finite numbers written as null)."""
+    line = json.dumps(finite_or_none(values), sort_keys=True, allow_nan=False)
     with open(path, "a") as handle:
-        handle.write(json.dumps(values, sort_keys=True) + "\n")
+        handle.write(line + "\n")
         handle.flush()
 
 

@@ -10,6 +10,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pudm.errors import UsageError
 from pudm.models import sampler_scheduler
 
 
@@ -35,9 +36,9 @@ def generate(
     ``class_labels`` (shape (num,)): the class of every sample, for a class-conditional UNet.
     """
     if num <= 0:
-        raise ValueError(f"--num must be > 0, got {num}")
+        raise UsageError(f"--num must be > 0, got {num}")
     if steps <= 0:
-        raise ValueError(f"--steps must be > 0, got {steps}")
+        raise UsageError(f"--steps must be > 0, got {steps}")
     pipeline = DDPMPipeline(unet=unet, scheduler=sampler_scheduler(sampler, scheduler_config))
     pipeline.set_progress_bar_config(disable=True)
     batches = []

@@ -33,6 +33,7 @@ import torch
 
 from pudm import runs
 from pudm.config import DEFAULT_SAMPLING_STEPS, SAMPLERS, StoredConfig, TrainConfig, section_from_dict
+from pudm.errors import UsageError
 from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
 from pudm.objectives import CORRECTIONS
 from pudm.training import Trainer, make_accelerator
@@ -45,7 +46,7 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class SDError(ValueError):
+class SDError(UsageError):
     """Bad Stable Diffusion input; the message names the problem and the fix."""
 
 

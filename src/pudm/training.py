@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from pudm import runs
 from pudm.config import RunConfig
 from pudm.data import PUBatches, PUSplit, build_pu_split, load_source
+from pudm.errors import UsageError
 from pudm.models import build_noise_scheduler, build_unet, load_pretrained, save_pipeline
 from pudm.objectives import CrossProcessSum, objective
 from pudm.sampling import generate, save_grid
@@ -131,7 +132,7 @@ def folder_split(config: RunConfig, report=None) -> PUSplit:
 def check_method_fits_data(method: str, split: PUSplit) -> None:
     """``oracle`` needs the hidden truth of U, which only labeled sources have."""
     if method == "oracle" and split.unlabeled_is_sensitive is None:
-        raise ValueError(
+        raise UsageError(
             "method oracle needs the hidden labels of U, and this data has none: "
             "use unsupervised, supervised or pu"
         )
@@ -172,32 +173,20 @@ def training_pool(
     return pool, is_sensitive, len(unlabeled), len(sensitive)
 
 
-def training_labels(split: PUSplit, method: str, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """The class label of every item of the training pool, in :func:`training_pool`'s order."""
-    if split.unlabeled_labels is None or split.sensitive_labels is None:
-        raise ValueError("a class-conditional model needs class labels for U and S: this data has none")
-    unlabeled, sensitive = _method_items(split, method, keep, split.unlabeled_labels, split.sensitive_labels)
-    return unlabeled if sensitive is None else torch.cat([unlabeled, sensitive])
-
-
-def class_mixture(split: PUSplit) -> torch.Tensor:
-    """How often each class occurs in U: what an unconditional model would draw from."""
-    counts = torch.bincount(split.unlabeled_labels)
-    return counts.float() / counts.sum()
-
-
-def mixture_labels(split: PUSplit, num: int, seed: int) -> torch.Tensor:
-    """``num`` class labels drawn (seeded) with U's class frequencies: a class-conditional model
-    sampled like an unconditional one."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.multinomial(class_mixture(split), num, replacement=True, generator=generator)
+# A class-conditional UNet is conditioned on what a user knows of each item: the set it came from
+# (the twin of the paper's Stable Diffusion captions, where all of U reads "a photo of a middle aged
+# man" and S "a photo of Brad Pitt"). Which items of U are sensitive is never known in the PU
+# setting, so no class may reveal it.
+UNLABELED_LABEL, SENSITIVE_LABEL = 0, 1
+SET_CLASSES = 2
 
 
 def grid_labels(config: RunConfig, num: int) -> torch.Tensor | None:
-    """The end-of-run grid of a class-conditional model: the classes in turn; None otherwise."""
+    """The end-of-run grid of a class-conditional model: U's label, what a user samples; None
+    for an unconditional model."""
     if not config.model.num_classes:
         return None
-    return torch.arange(num) % config.model.num_classes
+    return torch.full((num,), UNLABELED_LABEL, dtype=torch.long)
 
 
 def filter_keep(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = True) -> torch.Tensor:
@@ -228,7 +217,9 @@ def filter_keep(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = 
     )
     keep = keep_mask(scores, train.beta)
     if write:
-        report = filter_report(keep, split.unlabeled_is_sensitive)
+        # Counts only: how many of the dropped items were truly sensitive is the evaluator's to
+        # say (eval.json), since training never reads the hidden truth.
+        report = filter_report(keep, None)
         runs.atomic_write_json(
             path,
             {
@@ -372,10 +363,22 @@ class Trainer:
                 f"checkpoint {checkpoints[-1]} was written by another configuration: resume with the "
                 "run's own settings, or start again with --overwrite"
             )
+        state = checkpoint["state"]
+        processes = self.accelerator.num_processes
+        # Checkpoints written before the process count was recorded cannot be checked.
+        if state.get("world_size", processes) != processes:
+            raise runs.RunError(
+                f"checkpoint {checkpoints[-1]} was written by {state['world_size']} processes and this "
+                f"launch has {processes}: every batch and noise draw depends on the process count, so "
+                f"resume with {state['world_size']} processes (accelerate launch --num_processes "
+                f"{state['world_size']}), or start again with --overwrite"
+            )
         self._load_states(checkpoint["model"], checkpoint["ema"])
-        self.optimizer.load_state_dict(checkpoint["state"]["optimizer"])
-        self.lr_scheduler.load_state_dict(checkpoint["state"]["lr_scheduler"])
-        step = int(checkpoint["state"]["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
         if self.accelerator.is_main_process:
             runs.truncate_metrics(self.run_dir / "metrics.jsonl", step)
         return step
@@ -424,8 +427,9 @@ class Trainer:
         )
         pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
         if self.config.model.num_classes:
-            # Class-conditional UNet: each item's class label is its conditioning.
-            labels = training_labels(self.split, train.method, self.keep).to(device)
+            # Class-conditional UNet: each item is conditioned on the set it was drawn from (U's
+            # label or S's), never on its hidden class.
+            labels = torch.where(pool_is_sensitive, SENSITIVE_LABEL, UNLABELED_LABEL).long()
 
             def fetch(index: torch.Tensor, step: int):
                 return pool[index], pool_is_sensitive[index], {"class_labels": labels[index]}
@@ -488,8 +492,10 @@ class Trainer:
         # Data parallel: the objective's sums and counts are all-reduced, so it is the global batch's.
         reduce = CrossProcessSum() if world_size > 1 else None
         mine = slice(rank * train.batch_size, (rank + 1) * train.batch_size)
+        scaler = accelerator.scaler  # fp16 on GPUs: torch's GradScaler; None otherwise
         tick_values: list[torch.Tensor] = []
         tick_start, tick_steps, tick_skipped, nonfinite_run = time.perf_counter(), 0, 0, 0
+        tick_overflow = 0
         for step in range(start_step, train.steps):
             index = batches.indices(step, rank, world_size).to(device)
             clean, is_sensitive, conditioning = fetch(index, step)
@@ -527,14 +533,25 @@ class Trainer:
             # a non-finite gradient) must never reach the weights: skip the update. The check is
             # one host sync per step. Under data parallelism both values are global already.
             finite = torch.isfinite(out.loss.detach())
-            if accelerator.scaler is None:
+            if scaler is None:
                 finite = finite & torch.isfinite(torch.as_tensor(grad_norm))
             if bool(finite):
                 self.optimizer.step()
-                self._update_ema(step)
-                tick_values.append(_tick_row(out, grad_norm))
+                if scaler is not None and self.optimizer.step_was_skipped:
+                    # fp16 overflow in the gradients: the scaler skipped the update and lowered
+                    # its scale. Routine while the scale settles; the weights and EMA are
+                    # untouched and the inf grad norm stays out of the tick's averages.
+                    tick_overflow += 1
+                else:
+                    self._update_ema(step)
+                    tick_values.append(_tick_row(out, grad_norm))
                 nonfinite_run = 0
             else:
+                if scaler is not None:
+                    # clip_grad_norm_ unscaled the gradients, and only the scaler's update()
+                    # clears that: without it the next step's unscale_() raises. A non-finite
+                    # loss is treated as an overflow: the scale backs off.
+                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
                 nonfinite_run += 1
                 tick_skipped += 1
                 if nonfinite_run >= train.max_nonfinite_steps:
@@ -546,6 +563,7 @@ class Trainer:
                         time.perf_counter() - tick_start,
                         progress,
                         tick_skipped,
+                        tick_overflow,
                     )
                     self._checkpoint(done)
                     accelerator.wait_for_everyone()
@@ -556,8 +574,9 @@ class Trainer:
             tick_steps += 1
             if done % train.log_every == 0 or done == train.steps:
                 elapsed = time.perf_counter() - tick_start
-                self._log_tick(done, tick_values, tick_steps, elapsed, progress, tick_skipped)
+                self._log_tick(done, tick_values, tick_steps, elapsed, progress, tick_skipped, tick_overflow)
                 tick_values, tick_start, tick_steps, tick_skipped = [], time.perf_counter(), 0, 0
+                tick_overflow = 0
             progress.update(1)
             if world_size > 1:
                 # Every process must stop after the same step: agree at log ticks (a host sync
@@ -580,11 +599,18 @@ class Trainer:
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
     def _log_tick(
-        self, step: int, rows: list[torch.Tensor], steps: int, seconds: float, progress, skipped: int = 0
+        self,
+        step: int,
+        rows: list[torch.Tensor],
+        steps: int,
+        seconds: float,
+        progress,
+        skipped: int = 0,
+        overflow: int = 0,
     ) -> None:
         if rows:
             means = dict(zip(TICK_FIELDS, torch.stack(rows).mean(0).tolist(), strict=True))
-        else:  # every step of the tick was skipped
+        else:  # every step of the tick was skipped: no value (null in metrics.jsonl)
             means = dict.fromkeys(TICK_FIELDS, float("nan"))
         images = steps * self.config.train.batch_size * self.accelerator.num_processes
         self.last_metrics = {
@@ -594,10 +620,11 @@ class Trainer:
             "steps_per_second": steps / seconds,
             "images_per_second": images / seconds,
             "skipped_nonfinite": skipped,
+            "skipped_overflow": overflow,
         }
         if self.accelerator.is_main_process:
             runs.append_jsonl(self.run_dir / "metrics.jsonl", self.last_metrics)
-        progress.set_postfix(loss=f"{means['loss']:.3g}", bracket=f"{means['bracket']:.3g}", refresh=False)
+        progress.set_postfix(progress_fields(self.config.train.method, means), refresh=False)
 
     def _checkpoint(self, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -610,6 +637,10 @@ class Trainer:
             trainer_state={
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.lr_scheduler.state_dict(),
+                # fp16's loss scale: a resumed run continues at the scale it had
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+                # batches and noise depend on (step, rank, world size): a resume needs the same
+                "world_size": self.accelerator.num_processes,
             },
             config=self.config.to_dict(),
             keep=self.config.train.keep_checkpoints,
@@ -618,13 +649,17 @@ class Trainer:
     def _finish(self) -> None:
         """Final EMA weights as a diffusers pipeline, a sample grid, and summary.json (last)."""
         cfg = self.config
-        ema = copy.deepcopy(self.ema).to("cpu").eval()
         training_schedule = DDPMScheduler.from_config(self.noise_scheduler.config)
+        # Saved from a CPU copy; sampled where the EMA already lives (the accelerator's device):
+        # the other processes wait at a barrier meanwhile, and a large UNet sampled on the CPU
+        # could outlast its timeout.
+        self.ema.eval()
         runs.atomic_write_dir(
-            self.run_dir / "pipeline", lambda tmp: save_pipeline(ema, training_schedule, tmp)
+            self.run_dir / "pipeline",
+            lambda tmp: save_pipeline(copy.deepcopy(self.ema).to("cpu"), training_schedule, tmp),
         )
         images = generate(
-            ema,
+            self.ema,
             training_schedule.config,
             class_labels=grid_labels(cfg, cfg.sample.grid_size),
             num=cfg.sample.grid_size,
@@ -640,7 +675,9 @@ class Trainer:
         )
 
 
-# What each log tick averages; "bracket" is the PU negative-risk estimate mean_U l - beta mean_S l.
+# What each log tick averages; "bracket" is the PU negative-risk estimate mean_U l - beta mean_S l;
+# "live_sensitive_fraction" the share of S items whose h(l) is above 1e-6 (h(l) underflows to 0 in
+# float32 once l > ~104, and the S term of supervised and the positive risk of pu are then dead).
 TICK_FIELDS = (
     "loss",
     "risk",
@@ -650,8 +687,24 @@ TICK_FIELDS = (
     "mean_sensitive_loss",
     "corrected_fraction",
     "sensitive_per_batch",
+    "live_sensitive_fraction",
     "grad_norm",
 )
+
+# What the progress bar shows beside the loss: what the method optimises.
+_PROGRESS_FIELDS = {
+    "supervised": ("positive_risk", "live_sensitive_fraction"),
+    "pu": ("bracket", "positive_risk"),
+}
+_PROGRESS_NAMES = {"positive_risk": "h_S", "bracket": "bracket", "live_sensitive_fraction": "live_S"}
+
+
+def progress_fields(method: str, means: dict[str, float]) -> dict[str, str]:
+    """The progress bar's postfix for ``method``: the loss, and for supervised/pu their S terms."""
+    shown = {"loss": f"{means['loss']:.3g}"}
+    for name in _PROGRESS_FIELDS.get(method, ()):
+        shown[_PROGRESS_NAMES[name]] = f"{means[name]:.3g}"
+    return shown
 
 
 def _tick_row(out, grad_norm) -> torch.Tensor:
@@ -666,6 +719,7 @@ def _tick_row(out, grad_norm) -> torch.Tensor:
             out.mean_sensitive_loss.detach(),
             out.corrected.detach().float(),
             out.num_sensitive.detach().float(),
+            out.live_sensitive_fraction.detach().float(),
             torch.as_tensor(grad_norm, device=out.loss.device).float(),
         ]
     )
