@@ -147,3 +147,50 @@ def test_bad_arguments_are_value_errors():
         objective("pu", LOSS, MASK, correction="relu")
     with pytest.raises(ValueError, match="shape"):
         objective("pu", LOSS[:3], MASK)
+
+
+def _h_prime(loss: torch.Tensor) -> torch.Tensor:
+    """dh/dl for h(l) = -log(1 - exp(-l)): -1 / (exp(l) - 1)."""
+    return -1.0 / torch.expm1(loss)
+
+
+@pytest.mark.parametrize("correction", ["abs", "nn"])
+@pytest.mark.parametrize("bracket_sign", [1, -1])
+def test_pu_gradient_of_every_item_matches_the_closed_form(correction, bracket_sign):
+    """d/dl of beta mean_S h(l) + |mean_U l - beta mean_S l| (nnPU: -bracket when it is negative),
+    item by item, for both signs of the bracket."""
+    generator = torch.Generator().manual_seed(3)
+    is_sensitive = torch.tensor([False, True, False, False, True, False, True])
+    loss = 0.5 + 2.5 * torch.rand(7, generator=generator, dtype=torch.float64)
+    beta = 0.2
+    if bracket_sign < 0:
+        loss = torch.where(is_sensitive, loss + 6.0, loss)
+        beta = 0.9
+    loss.requires_grad_(True)
+    out = objective("pu", loss, is_sensitive, beta=beta, correction=correction)
+    out.loss.backward()
+    n_u, n_s = int((~is_sensitive).sum()), int(is_sensitive.sum())
+    bracket = loss.detach()[~is_sensitive].mean() - beta * loss.detach()[is_sensitive].mean()
+    assert bool(bracket < 0) == (bracket_sign < 0) == bool(out.corrected)
+    sign = 1.0 if bracket >= 0 else -1.0
+    if correction == "nn" and bracket < 0:
+        expected_u = torch.full((n_u,), -1.0 / n_u, dtype=torch.float64)
+        expected_s = torch.full((n_s,), beta / n_s, dtype=torch.float64)
+    else:
+        expected_u = torch.full((n_u,), sign / n_u, dtype=torch.float64)
+        expected_s = beta * _h_prime(loss.detach()[is_sensitive]) / n_s - sign * beta / n_s
+    torch.testing.assert_close(loss.grad[~is_sensitive], expected_u)
+    torch.testing.assert_close(loss.grad[is_sensitive], expected_s)
+
+
+def test_supervised_and_unsupervised_gradients_of_every_item():
+    generator = torch.Generator().manual_seed(4)
+    is_sensitive = torch.tensor([False, True, True, False, False])
+    for method in ("supervised", "unsupervised"):
+        loss = (0.5 + 2.5 * torch.rand(5, generator=generator, dtype=torch.float64)).requires_grad_(True)
+        objective(method, loss, is_sensitive).loss.backward()
+        if method == "supervised":  # l on U items, h(l) on S items, over the whole batch
+            expected = torch.where(is_sensitive, _h_prime(loss.detach()), torch.ones_like(loss)) / 5
+        else:  # mean over U; S items get nothing
+            expected = torch.where(is_sensitive, 0.0, 1.0 / 3).to(torch.float64)
+        torch.testing.assert_close(loss.grad, expected)
