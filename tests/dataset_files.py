@@ -27,16 +27,36 @@ def cycling_labels(count: int, classes: int = 10) -> np.ndarray:
     return np.arange(count) % classes
 
 
+def write_idx(
+    folder: Path, train: np.ndarray, test: np.ndarray, gz: bool = False, test_offset: int = 0
+) -> Path:
+    """The four IDX files (LeCun's format: big-endian magic 0x803 images / 0x801 labels, then the
+    dimensions), plain or gzipped. ``test_offset`` is added to the test images' pixel code, so a
+    test image can be told from a training image of the same class."""
+    import gzip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, labels, offset in (("train", train, 0), ("t10k", test, test_offset)):
+        pixels = _images(labels, 1, 28)[:, 0]
+        pixels[pixels != 255] += offset
+        files = {
+            f"{prefix}-images-idx3-ubyte": struct.pack(">IIII", 0x803, len(labels), 28, 28)
+            + pixels.tobytes(),
+            f"{prefix}-labels-idx1-ubyte": struct.pack(">II", 0x801, len(labels))
+            + labels.astype(np.uint8).tobytes(),
+        }
+        for name, data in files.items():
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+    return folder
+
+
 def write_mnist(root: Path, train: np.ndarray, test: np.ndarray) -> Path:
     """torchvision's MNIST layout: MNIST/raw/*-ubyte (the IDX format)."""
-    raw = Path(root) / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for prefix, labels in (("train", train), ("t10k", test)):
-        pixels = _images(labels, 1, 28)[:, 0]
-        header = struct.pack(">IIII", 0x803, len(labels), 28, 28)
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + pixels.tobytes())
-        label_header = struct.pack(">II", 0x801, len(labels))
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(label_header + labels.astype(np.uint8).tobytes())
+    write_idx(Path(root) / "MNIST" / "raw", train, test)
     return Path(root)
 
 

@@ -24,7 +24,7 @@ from pudm import runs
 from pudm.classifier import Classifier, train_for_config
 from pudm.config import TRAIN_METHODS, RunConfig, default_steps, preset
 from pudm.errors import UsageError
-from pudm.evaluation import EVAL, FID_CLASSIFIER, check_classifier, evaluate_run
+from pudm.evaluation import EVAL, FID_CLASSIFIER, FID_PIXELS, check_classifier, evaluate_run
 
 BETA_METHODS = ("pu", "filter")  # the methods that use beta
 RESULTS = "results.json"
@@ -150,10 +150,17 @@ def _reusable_eval(run_dir: Path, settings: dict) -> dict | None:
     stored = runs.read_json(path)
     same = all(stored.get(key) == value for key, value in settings.items() if key != "fingerprint")
     same = same and stored.get("classifier", {}).get("fingerprint") == settings["fingerprint"]
+    same = same and all(key in stored for key in METRICS)  # made before a metric existed: redo
     return stored if same else None
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+# What the table averages over seeds: the rate and the two quality measures that share no judge.
+METRICS = ("non_sensitive_rate", "fid_classifier", "fid_pixels")
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    if any(value is None for value in values):  # e.g. an evaluation made before the metric existed
+        return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -169,10 +176,9 @@ def summarise(cells: list[Cell], evals: dict[str, dict]) -> list[dict]:
         row["cells"].append(cell.name)
     for row in rows.values():
         values = [evals[name] for name in row["cells"]]
-        for key in ("non_sensitive_rate", "fid_classifier"):
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([v[key] for v in values])
-        row["non_sensitive_rate_per_seed"] = [v["non_sensitive_rate"] for v in values]
-        row["fid_classifier_per_seed"] = [v["fid_classifier"] for v in values]
+        for key in METRICS:
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([v.get(key) for v in values])
+            row[f"{key}_per_seed"] = [v.get(key) for v in values]
     return list(rows.values())
 
 
@@ -180,28 +186,32 @@ def _before_row(result: dict) -> dict:
     """The pretrained model's row: one evaluation, no seeds to average."""
     row = {"label": "pretrained (before fine-tuning)", "method": "pretrained", "beta": None, "seeds": [0]}
     row["cells"] = []
-    for key in ("non_sensitive_rate", "fid_classifier"):
-        row[f"{key}_mean"], row[f"{key}_std"] = result[key], 0.0
-        row[f"{key}_per_seed"] = [result[key]]
+    for key in METRICS:
+        row[f"{key}_mean"], row[f"{key}_std"] = result.get(key), 0.0
+        row[f"{key}_per_seed"] = [result.get(key)]
     return row
 
 
 def markdown_table(rows: list[dict], num: int, sampler: str, steps: int) -> str:
     lines = [
-        f"| method | seeds | non-sensitive rate | {FID_CLASSIFIER} |",
-        "|---|---|---|---|",
+        f"| method | seeds | non-sensitive rate | {FID_CLASSIFIER} | {FID_PIXELS} |",
+        "|---|---|---|---|---|",
     ]
+
+    def cell(row: dict, key: str, digits: int) -> str:
+        if row[f"{key}_mean"] is None:
+            return "-"
+        return f"{row[f'{key}_mean']:.{digits}f} +- {row[f'{key}_std']:.{digits}f}"
+
     for row in rows:
-        label = row["label"]
         lines.append(
-            f"| {label} | {len(row['seeds'])} | {row['non_sensitive_rate_mean']:.3f} +- "
-            f"{row['non_sensitive_rate_std']:.3f} | {row['fid_classifier_mean']:.2f} +- "
-            f"{row['fid_classifier_std']:.2f} |"
+            f"| {row['label']} | {len(row['seeds'])} | {cell(row, 'non_sensitive_rate', 3)} | "
+            f"{cell(row, 'fid_classifier', 2)} | {cell(row, 'fid_pixels', 2)} |"
         )
     lines.append("")
     lines.append(
         f"{num} samples per cell ({sampler}, {steps} steps); mean +- std over seeds; "
-        "non-sensitive rate: 1 = never sensitive; FID: lower is better."
+        "non-sensitive rate: 1 = never sensitive; FID and Frechet distance: lower is better."
     )
     return "\n".join(lines) + "\n"
 

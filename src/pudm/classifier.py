@@ -213,6 +213,10 @@ class ClassifierInfo:
     num_heldout: int
     epochs: int
     seed: int
+    # Held-out recall of every class, and the share of held-out sensitive items called sensitive:
+    # a judge that misses sensitive items caps the non-sensitive rate it can report.
+    heldout_class_recall: tuple[float, ...] = ()
+    heldout_sensitive_recall: float | None = None
 
     def fits(self, source: str, image_size: int, channels: int, normal_classes) -> str | None:
         """None if the classifier can judge that data; otherwise what differs."""
@@ -283,7 +287,9 @@ class Classifier:
         if values.pop("kind", None) != CLASSIFIER_KIND:
             raise UsageError(f"--classifier {path}: config.json is not a pudm classifier's: check the path")
         try:
-            info = ClassifierInfo(**{**values, "normal_classes": tuple(values["normal_classes"])})
+            values["normal_classes"] = tuple(values["normal_classes"])
+            values["heldout_class_recall"] = tuple(values.get("heldout_class_recall", ()))
+            info = ClassifierInfo(**values)
             model = build_classifier(info.arch, info.channels, info.num_classes, info.image_size)
             model.load_state_dict(load_file(weights))
         except Exception as error:  # noqa: BLE001 - a damaged folder gets one answer
@@ -326,6 +332,16 @@ def train_classifier(
     predicted = predict_proba(model, images[held_index]).argmax(-1)
     truth = labels[held_index]
     normal = torch.tensor(normal_classes)
+    class_recall = tuple(
+        float((predicted[truth == c] == c).float().mean()) if (truth == c).any() else float("nan")
+        for c in range(num_classes)
+    )
+    held_sensitive = ~torch.isin(truth, normal)
+    sensitive_recall = (
+        float((~torch.isin(predicted[held_sensitive], normal)).float().mean())
+        if held_sensitive.any()
+        else None
+    )
     info = ClassifierInfo(
         arch=arch,
         num_classes=num_classes,
@@ -343,6 +359,8 @@ def train_classifier(
         num_heldout=len(held_index),
         epochs=fit_config.epochs,
         seed=fit_config.seed,
+        heldout_class_recall=class_recall,
+        heldout_sensitive_recall=sensitive_recall,
     )
     return Classifier(model, info)
 

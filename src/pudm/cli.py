@@ -728,11 +728,20 @@ def command_classifier_train(args: argparse.Namespace) -> int:
         classifier = train_for_config(config, arch=args.arch, fit_config=fit_config, weights=args.weights)
     classifier.save(args.out)
     info = classifier.info
+    recall = (
+        f", sensitive recall {info.heldout_sensitive_recall:.3f}"
+        if info.heldout_sensitive_recall is not None
+        else ""
+    )
     print(
         f"classifier {info.arch} for {info.preset}: held-out accuracy {info.heldout_accuracy:.3f} "
-        f"(normal vs sensitive {info.heldout_normal_accuracy:.3f}) on {info.num_heldout} images; "
+        f"(normal vs sensitive {info.heldout_normal_accuracy:.3f}{recall}) on {info.num_heldout} images; "
         f"saved to {args.out}"
     )
+    if info.heldout_class_recall:
+        print(
+            "per-class recall: " + ", ".join(f"{c}: {r:.3f}" for c, r in enumerate(info.heldout_class_recall))
+        )
     return 0
 
 
@@ -745,7 +754,7 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 
 def command_evaluate(args: argparse.Namespace) -> int:
     from pudm.classifier import Classifier
-    from pudm.evaluation import FID_CLASSIFIER, evaluate_run
+    from pudm.evaluation import FID_CLASSIFIER, FID_PIXELS, evaluate_run
 
     _check_sampling_flags(args)
     if not args.run.is_dir():
@@ -776,9 +785,16 @@ def command_evaluate(args: argparse.Namespace) -> int:
             if result["fid_classifier"] is not None
             else "no FID (no normal test images)"
         )
+        + (f", {FID_PIXELS} {result['fid_pixels']:.2f}" if result.get("fid_pixels") is not None else "")
         + (f", Inception FID {result['fid_inception']:.2f}" if "fid_inception" in result else "")
         + f"; {result['num_samples']} samples ({result['sampler']}, {result['sampling_steps']} steps)"
     )
+    recall = classifier.info.heldout_sensitive_recall
+    if recall is not None:
+        print(
+            f"the judge's held-out sensitive recall is {recall:.3f}: of truly sensitive samples it "
+            f"would miss about {1 - recall:.0%}, so the rate cannot show more than that"
+        )
     print(f"per-class counts: {result['class_histogram']}; details in {args.run / 'eval.json'}")
     return 0
 

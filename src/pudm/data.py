@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from pudm.errors import UsageError
 
-SOURCES = ("digits", "mnist", "cifar10", "stl10", "celeba", "folders")
+SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "stl10", "celeba", "folders")
 
 
 @dataclass(frozen=True)

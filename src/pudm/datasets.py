@@ -3,7 +3,9 @@
 =========  ===================================================================  ==================
 source     files under ``--data-dir`` (torchvision's layout)                    labels
 =========  ===================================================================  ==================
-mnist      ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``            digit 0-9
+mnist      ``MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``       digit 0-9
+fashion_   ``FashionMNIST/raw/`` the same four IDX names, or the four files in    class 0-9
+mnist      ``--data-dir`` itself (Debian's dataset-fashion-mnist folder)
 cifar10    ``cifar-10-batches-py/data_batch_1`` .. ``_5``, ``test_batch``        class 0-9
 stl10      ``stl10_binary/{train,test}_{X,y}.bin``                               class 0-9
 celeba     ``celeba/img_align_celeba/*.jpg``, ``celeba/list_attr_celeba.txt``,   attribute "Male"
@@ -13,9 +15,10 @@ celeba     ``celeba/img_align_celeba/*.jpg``, ``celeba/list_attr_celeba.txt``,  
 Each source has a training part (where U and S are drawn from) and a test part (the normal test
 images of evaluation). When the files are missing, torchvision downloads them into ``--data-dir``
 (its URLs and checksums); offline, the error names the files and where to put them. The files are
-then read here, by the same code whatever put them there: MNIST through torchvision's own reader,
-the others with small readers of their documented formats (CIFAR's pickles through an unpickler that
-only rebuilds numpy arrays, so a data file cannot run code). Images stay uint8 until a split selects
+then read here, by the same code whatever put them there: small readers of their documented
+formats (MNIST and Fashion-MNIST share one IDX reader that checks magic numbers and lengths;
+CIFAR's pickles go through an unpickler that only rebuilds numpy arrays, so a data file cannot run
+code). Images stay uint8 until a split selects
 them; CelebA's JPEGs are decoded only for the items a split uses.
 """
 
@@ -33,21 +36,28 @@ import torch
 from pudm.data import LabeledSource, resize_images
 from pudm.errors import UsageError
 
-PAPER_SOURCES = ("mnist", "cifar10", "stl10", "celeba")
+PAPER_SOURCES = ("mnist", "cifar10", "stl10", "celeba", "fashion_mnist")
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+# The IDX sources: torchvision's folder under --data-dir; Fashion-MNIST's files may also lie in
+# --data-dir itself (Debian's dataset-fashion-mnist installs them gzipped in one folder).
+IDX_FOLDERS = {"mnist": ("MNIST/raw",), "fashion_mnist": ("FashionMNIST/raw", ".")}
 REQUIRED = {
-    "mnist": [
-        "MNIST/raw/train-images-idx3-ubyte",
-        "MNIST/raw/train-labels-idx1-ubyte",
-        "MNIST/raw/t10k-images-idx3-ubyte",
-        "MNIST/raw/t10k-labels-idx1-ubyte",
-    ],
+    "mnist": [f"MNIST/raw/{name}" for name in IDX_FILES],
+    "fashion_mnist": [f"FashionMNIST/raw/{name}" for name in IDX_FILES],
     "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
     + ["cifar-10-batches-py/test_batch"],
     "stl10": [f"stl10_binary/{part}_{kind}.bin" for part in ("train", "test") for kind in ("X", "y")],
     "celeba": ["celeba/img_align_celeba", "celeba/list_attr_celeba.txt", "celeba/list_eval_partition.txt"],
 }
 WHERE = {
-    "mnist": "the four files of http://yann.lecun.com/exdb/mnist/ (gunzipped)",
+    "mnist": "the four files of http://yann.lecun.com/exdb/mnist/ (gunzipped or not)",
+    "fashion_mnist": "the four files of https://github.com/zalandoresearch/fashion-mnist (gzipped or not; "
+    "Debian's package dataset-fashion-mnist installs them in /usr/share/datasets/fashion-mnist)",
     "cifar10": "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extracted",
     "stl10": "stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/, extracted",
     "celeba": "img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt from "
@@ -109,7 +119,19 @@ class DatasetMissing(UsageError):
     """A data set is not on disk and could not be downloaded; names the files and the fix."""
 
 
+def find_idx_file(name: str, root: Path, file: str) -> Path | None:
+    """Where ``file`` of an IDX source lies under ``root`` (plain or ``.gz``), or None."""
+    for folder in IDX_FOLDERS[name]:
+        for candidate in (root / folder / file, root / folder / f"{file}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
 def _missing(name: str, root: Path) -> list[str]:
+    if name in IDX_FOLDERS:
+        folder = IDX_FOLDERS[name][0]
+        return [f"{folder}/{file}" for file in IDX_FILES if find_idx_file(name, root, file) is None]
     return [part for part in REQUIRED[name] if not (root / part).exists()]
 
 
@@ -124,9 +146,10 @@ def _ensure(name: str, root: Path, download: bool) -> None:
 
         root.mkdir(parents=True, exist_ok=True)
         try:
-            if name == "mnist":
-                tv.MNIST(root, train=True, download=True)
-                tv.MNIST(root, train=False, download=True)
+            if name in ("mnist", "fashion_mnist"):
+                kind = tv.MNIST if name == "mnist" else tv.FashionMNIST
+                kind(root, train=True, download=True)
+                kind(root, train=False, download=True)
             elif name == "cifar10":
                 tv.CIFAR10(root, train=True, download=True)
             elif name == "stl10":
@@ -151,9 +174,11 @@ def load_paper_source(
     root = Path(data_dir) if data_dir else default_data_dir()
     _ensure(name, root, download)
     try:
-        loader = {"mnist": _mnist, "cifar10": _cifar10, "stl10": _stl10, "celeba": _celeba}[name]
+        if name in IDX_FOLDERS:
+            return _idx_source(name, root, image_size, channels)
+        loader = {"cifar10": _cifar10, "stl10": _stl10, "celeba": _celeba}[name]
         return loader(root, image_size, channels)
-    except DatasetMissing:
+    except (DatasetMissing, IDXError):
         raise
     except Exception as error:  # noqa: BLE001 - truncated or foreign files
         raise DatasetMissing(
@@ -177,16 +202,64 @@ def _source(
     )
 
 
-def _mnist(root: Path, image_size: int, channels: int) -> LabeledSource:
-    from torchvision.datasets import MNIST
+class IDXError(DatasetMissing):
+    """An IDX file that is truncated or of the wrong kind; names the file and the fix."""
 
-    train, test = MNIST(root, train=True), MNIST(root, train=False)
+
+# IDX magic numbers: unsigned bytes (0x08) with 3 dimensions (images) or 1 (labels).
+IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801
+
+
+def read_idx(path: Path, kind: int) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, plain or gzipped) as uint8: (N, H, W) images or (N,)
+    labels. The magic number must be ``kind`` and the file exactly as long as its header says."""
+    import gzip
+
+    path = Path(path)
+    what = "images" if kind == IDX_IMAGES else "labels"
+    fix = "replace it with the original file (or delete it to download again)"
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as error:
+        raise IDXError(f"{path} cannot be read ({type(error).__name__}: {error}): {fix}") from None
+    if len(data) < 4:
+        raise IDXError(f"{path} is truncated (no IDX header): {fix}")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != kind:
+        found = {IDX_IMAGES: "images", IDX_LABELS: "labels"}.get(magic, f"magic number {magic:#06x}")
+        raise IDXError(f"{path} holds {found}, not {what}: check which file is which, or {fix}")
+    dims = magic & 0xFF
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise IDXError(f"{path} is truncated (incomplete IDX header): {fix}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise IDXError(
+            f"{path} is truncated or damaged ({len(data)} bytes, its header says {expected}): {fix}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _idx_source(name: str, root: Path, image_size: int, channels: int) -> LabeledSource:
+    """MNIST or Fashion-MNIST from their four IDX files (one reader for both)."""
+    parts = {}
+    for file in IDX_FILES:
+        path = find_idx_file(name, root, file)
+        parts[file] = read_idx(path, IDX_IMAGES if "images" in file else IDX_LABELS)
+    for prefix in ("train", "t10k"):
+        images, labels = parts[f"{prefix}-images-idx3-ubyte"], parts[f"{prefix}-labels-idx1-ubyte"]
+        if len(images) != len(labels):
+            raise IDXError(
+                f"{name}: {prefix}-images holds {len(images)} images and {prefix}-labels {len(labels)} "
+                "labels: replace them with the original files"
+            )
     return _source(
-        "mnist",
-        train.data.numpy()[:, None],
-        train.targets.numpy(),
-        test.data.numpy()[:, None],
-        test.targets.numpy(),
+        name,
+        parts["train-images-idx3-ubyte"][:, None],
+        parts["train-labels-idx1-ubyte"].astype(np.int64),
+        parts["t10k-images-idx3-ubyte"][:, None],
+        parts["t10k-labels-idx1-ubyte"].astype(np.int64),
         image_size,
         channels,
     )

@@ -31,6 +31,7 @@ from pudm.sampling import save_grid, to_uint8
 EVAL = "eval.json"
 EVAL_GRID = "eval_samples.png"
 FID_CLASSIFIER = "FID (classifier features)"
+FID_PIXELS = "Frechet distance (pixels)"
 
 
 def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -88,6 +89,28 @@ def classifier_fid(classifier: Classifier, real: np.ndarray, fake: np.ndarray) -
     return _frechet(metric, real, fake)
 
 
+class PixelFeatures(nn.Module):
+    """Raw pixels in [0, 1], flattened: the features of a Frechet distance that shares no judge
+    with the classifier (a 64-d classifier feature can be blind to sample defects)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1).double() / 255.0
+
+
+def pixel_fid(real: np.ndarray, fake: np.ndarray) -> float:
+    """Frechet distance between uint8 (N, H, W, C) image sets in pixel space (values in [0, 1])."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if real.shape[1:] != fake.shape[1:]:
+        raise UsageError(f"images of shape {fake.shape[1:]} cannot be compared with {real.shape[1:]}")
+    metric = FrechetInceptionDistance(feature=PixelFeatures(int(np.prod(real.shape[1:]))), normalize=False)
+    return _frechet(metric, real, fake)
+
+
 def inception_fid(real: np.ndarray, fake: np.ndarray, weights: Path | None = None) -> float:
     """Inception-v3 FID (torchmetrics + torch-fidelity); grey images are repeated to RGB.
 
@@ -130,6 +153,11 @@ def evaluate_samples(
         "class_histogram": class_histogram(predicted, classifier.info.num_classes),
         "fid_classifier": classifier_fid(classifier, reference, images) if len(reference) else None,
         "fid_classifier_name": FID_CLASSIFIER,
+        # Pixel space needs images of one shape (a folder reference of another size gets null).
+        "fid_pixels": pixel_fid(reference, images)
+        if len(reference) and reference.shape[1:] == images.shape[1:]
+        else None,
+        "fid_pixels_name": FID_PIXELS,
         "fid_reference": f"normal test split ({len(reference)} images)"
         if len(reference)
         else "none: no normal test images (image folders: give --test DIR)",
