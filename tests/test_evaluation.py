@@ -59,6 +59,41 @@ def test_classifier_learns_digits_and_round_trips(classifier_dir):
     assert config["kind"] == "pudm-classifier" and config["num_heldout"] + config["num_train"] == 1797
 
 
+def test_classifier_reports_its_recall_per_class_and_of_sensitive_items(classifier_dir):
+    """The stored recalls are those of the held-out 20%, recomputed here from the same split."""
+    from pudm.classifier import predict_proba, stratified_holdout
+    from pudm.data import load_digits_source
+
+    classifier = Classifier.load(classifier_dir)
+    info = classifier.info
+    source = load_digits_source()
+    _, held = stratified_holdout(source.labels, 0.2, info.seed)
+    truth = source.labels[held].numpy()
+    predicted = predict_proba(classifier.model, source.images[held]).argmax(-1).numpy()
+    for c in range(10):
+        assert info.heldout_class_recall[c] == pytest.approx(float(np.mean(predicted[truth == c] == c)))
+    odd = truth % 2 == 1
+    assert info.heldout_sensitive_recall == pytest.approx(
+        float(np.mean(~classifier.is_normal(predicted[odd])))
+    )
+    assert info.heldout_sensitive_recall > 0.9
+
+
+def test_pixel_frechet_distance_shares_no_judge_and_sees_pixel_defects(classifier_dir):
+    """Zero for identical sets, larger for worse copies; and it sees a defect (a constant offset
+    of the background) that changes the pixels a lot."""
+    from pudm.evaluation import pixel_fid
+
+    real = to_uint8(split_from_config(preset("digits_even")).test)
+    assert abs(pixel_fid(real, real)) < 1e-6
+    generator = np.random.default_rng(0)
+    slightly = np.clip(real.astype(int) + generator.integers(-10, 11, real.shape), 0, 255).astype(np.uint8)
+    badly = np.clip(real.astype(int) + generator.integers(-60, 61, real.shape), 0, 255).astype(np.uint8)
+    assert 0 < pixel_fid(real, slightly) < pixel_fid(real, badly)
+    grey_background = np.maximum(real, 60).astype(np.uint8)
+    assert pixel_fid(real, grey_background) > pixel_fid(real, slightly)
+
+
 def test_fid_is_zero_for_identical_sets_and_grows_with_distortion(classifier_dir):
     classifier = Classifier.load(classifier_dir)
     real = to_uint8(split_from_config(preset("digits_even")).test)

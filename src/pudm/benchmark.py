@@ -314,6 +314,13 @@ def run_benchmark(
     if before is not None:
         rows.insert(0, _before_row(before))
     table = markdown_table(rows, num, sampler, sample_steps)
+    info = classifier.info
+    recall = info.heldout_sensitive_recall
+    table += (
+        f"Judge: {info.arch} on the real labels, held-out accuracy {info.heldout_accuracy:.3f}"
+        + (f", recall of sensitive items {recall:.3f} (the rate cannot see what it misses)" if recall else "")
+        + ".\n"
+    )
     results = {
         "preset": preset_name,
         "methods": list(methods),
@@ -326,6 +333,8 @@ def run_benchmark(
             "path": str(classifier.path),
             "arch": classifier.info.arch,
             "heldout_accuracy": classifier.info.heldout_accuracy,
+            "heldout_sensitive_recall": classifier.info.heldout_sensitive_recall,
+            "heldout_class_recall": list(classifier.info.heldout_class_recall),
             "fingerprint": settings["fingerprint"],
         },
         "summary": rows,
