@@ -14,3 +14,18 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for p in sorted(Path(folder).rglob("*"))
         if p.is_file()
     }
+
+
+def poison_loss(monkeypatch, bad_calls) -> None:
+    """Make the per-sample loss NaN on the given (1-based) calls of the training step."""
+    import pudm.training as training
+
+    real = training.per_sample_denoising_loss
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if bad_calls(calls["n"]) else value
+
+    monkeypatch.setattr(training, "per_sample_denoising_loss", loss)

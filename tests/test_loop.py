@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import pudm.training as training
-from conftest import tree_digest
+from conftest import poison_loss, tree_digest
 from pudm import runs
 from pudm.cli import main
 from pudm.config import preset
@@ -30,19 +30,6 @@ def _strict_rows(path) -> list[dict]:
         raise ValueError(f"not JSON: {token}")
 
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
-
-
-def _poison(monkeypatch, bad_calls):
-    """Make the per-sample loss NaN on the given (1-based) calls of the training step."""
-    real = training.per_sample_denoising_loss
-    calls = {"n": 0}
-
-    def loss(*args, **kwargs):
-        calls["n"] += 1
-        value = real(*args, **kwargs)
-        return value * float("nan") if bad_calls(calls["n"]) else value
-
-    monkeypatch.setattr(training, "per_sample_denoising_loss", loss)
 
 
 def _tiny_config(steps: int = 8):
@@ -79,7 +66,7 @@ def test_fp16_nonfinite_loss_is_skipped_not_a_crash(tmp_path, monkeypatch):
     """With a grad scaler, clip_grad_norm_ unscales; a skipped step must still clear that, or the
     next step raises 'unscale_() has already been called'. Overflow steps the scaler skips keep
     their inf grad norm out of the log."""
-    _poison(monkeypatch, lambda n: n == 5)
+    poison_loss(monkeypatch, lambda n: n == 5)
     scaler = _train_fp16(_tiny_config(), tmp_path / "run")
     rows = _strict_rows(tmp_path / "run" / "metrics.jsonl")
     assert sum(row["skipped_nonfinite"] for row in rows) == 1
@@ -97,7 +84,7 @@ def test_fp16_resume_continues_at_the_stored_loss_scale(tmp_path, monkeypatch):
     """Without the scaler's state in the checkpoint a resumed fp16 run restarts at the initial
     scale and no longer matches the uninterrupted run."""
     config = _tiny_config()
-    _poison(monkeypatch, lambda n: n in (3, 6))  # steps 3 and 6 back the scale off
+    poison_loss(monkeypatch, lambda n: n in (3, 6))  # steps 3 and 6 back the scale off
     whole = _train_fp16(config, tmp_path / "whole", init_scale=256.0)
     # Resume a copy from its step-4 checkpoint with a fresh scaler, which starts at 256 again.
     run = tmp_path / "resumed"
@@ -109,7 +96,7 @@ def test_fp16_resume_continues_at_the_stored_loss_scale(tmp_path, monkeypatch):
         runs.remove_dir(checkpoint)
     assert [c.name for c in runs.list_checkpoints(run)] == ["step_00000004"]
     monkeypatch.undo()
-    _poison(monkeypatch, lambda n: n == 2)  # the resumed run's second step is step 6
+    poison_loss(monkeypatch, lambda n: n == 2)  # the resumed run's second step is step 6
     resumed = _train_fp16(config, run, init_scale=256.0, resume=True)
     assert resumed.get_scale() == whole.get_scale() < 256.0
     mine = runs.load_checkpoint(runs.list_checkpoints(run)[-1])
@@ -120,7 +107,7 @@ def test_fp16_resume_continues_at_the_stored_loss_scale(tmp_path, monkeypatch):
 
 
 def test_metrics_are_strict_json_when_a_whole_tick_is_skipped(tmp_path, monkeypatch):
-    _poison(monkeypatch, lambda n: n in (3, 4))  # steps 3 and 4: the second tick has no value
+    poison_loss(monkeypatch, lambda n: n in (3, 4))  # steps 3 and 4: the second tick has no value
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--steps", "6", *TINY]) == 0
     rows = _strict_rows(out / "metrics.jsonl")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import poison_loss
 from pudm import runs
 from pudm.cli import main
 
@@ -121,23 +122,8 @@ def test_temporaries_of_a_killed_writer_are_removed_or_restored(tmp_path):
     assert (run / "checkpoints" / "step_00000002").is_dir()
 
 
-def _poisoned(monkeypatch, bad_calls):
-    """Make the per-sample loss NaN on the given (1-based) calls of the training step."""
-    import pudm.training as training
-
-    real = training.per_sample_denoising_loss
-    calls = {"n": 0}
-
-    def loss(*args, **kwargs):
-        calls["n"] += 1
-        value = real(*args, **kwargs)
-        return value * float("nan") if bad_calls(calls["n"]) else value
-
-    monkeypatch.setattr(training, "per_sample_denoising_loss", loss)
-
-
 def test_a_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, monkeypatch):
-    _poisoned(monkeypatch, lambda n: n == 3)
+    poison_loss(monkeypatch, lambda n: n == 3)
     out = tmp_path / "nan-once"
     assert main(["train", "--out", str(out), "--steps", "6", "--checkpoint-every", "3", *TINY]) == 0
     rows = _metrics(out)
@@ -150,7 +136,7 @@ def test_a_nonfinite_loss_skips_the_step_and_is_logged(tmp_path, monkeypatch):
 def test_repeated_nonfinite_losses_stop_with_a_checkpoint_of_the_last_good_state(
     tmp_path, monkeypatch, capsys
 ):
-    _poisoned(monkeypatch, lambda n: n >= 5)
+    poison_loss(monkeypatch, lambda n: n >= 5)
     out = tmp_path / "nan-always"
     code = main(["train", "--out", str(out), "--steps", "40", "--checkpoint-every", "100", *TINY])
     assert code == 1
