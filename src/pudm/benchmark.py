@@ -316,11 +316,12 @@ def run_benchmark(
     table = markdown_table(rows, num, sampler, sample_steps)
     info = classifier.info
     recall = info.heldout_sensitive_recall
-    table += (
-        f"Judge: {info.arch} on the real labels, held-out accuracy {info.heldout_accuracy:.3f}"
-        + (f", recall of sensitive items {recall:.3f} (the rate cannot see what it misses)" if recall else "")
-        + ".\n"
-    )
+    judge = f"Judge: {info.arch} on the real labels, held-out accuracy {info.heldout_accuracy:.3f}"
+    if recall is not None:
+        judge += f", recall of sensitive items {recall:.3f}"
+        if recall < 0.99:
+            judge += " (the rate cannot show sensitive samples the judge misses)"
+    table += judge + ".\n"
     results = {
         "preset": preset_name,
         "methods": list(methods),
