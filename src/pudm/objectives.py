@@ -187,8 +187,10 @@ def objective(
     unlabeled = ~sensitive
     zeros = torch.zeros_like(loss)
     scores = sensitive_score(loss) if method != "unsupervised" else zeros
-    # Logged only: computed for every method, so a user sees when h(l) is dead before choosing one.
-    live = sensitive & (sensitive_score(loss.detach()) > LIVE_SCORE)
+    # Logged only: for every method, so a user sees when h(l) is dead before choosing one (the
+    # scores already computed are reused; unsupervised computes them here, without a graph).
+    logged_scores = scores.detach() if method != "unsupervised" else sensitive_score(loss.detach())
+    live = sensitive & (logged_scores > LIVE_SCORE)
 
     # Everything the objective needs is a sum over the batch: with several processes these are
     # summed over processes first (counts too), so the objective is the global batch's.
