@@ -22,11 +22,10 @@ from pathlib import Path
 
 from pudm import runs
 from pudm.classifier import Classifier, train_for_config
-from pudm.config import TRAIN_METHODS, RunConfig, default_steps, preset
+from pudm.config import BETA_METHODS, TRAIN_METHODS, RunConfig, default_steps, preset
 from pudm.errors import UsageError
 from pudm.evaluation import EVAL, FID_CLASSIFIER, FID_PIXELS, check_classifier, evaluate_run
 
-BETA_METHODS = ("pu", "filter")  # the methods that use beta
 RESULTS = "results.json"
 TABLE = "table.md"
 

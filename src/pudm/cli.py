@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pudm import runs
 from pudm.config import (
+    BETA_METHODS,
     PREDICTION_TYPES,
     PRESETS,
     SAMPLERS,
@@ -63,6 +64,8 @@ TRAIN_OVERRIDES = {
     "grid_size": ("sample", "grid_size"),
     "filter_folds": ("train", "filter_folds"),
     "filter_epochs": ("train", "filter_epochs"),
+    "warm_start_steps": ("train", "warm_start_steps"),
+    "pu_min_timestep": ("train", "pu_min_timestep"),
 }
 
 
@@ -121,9 +124,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--correction", help=f"PU correction: {' or '.join(CORRECTIONS)} (default abs, as the paper)"
     )
     method.add_argument(
-        "--filter-folds", type=int, help="filter: cross-fitting folds of the S-vs-U classifier (default 5)"
+        "--filter-folds",
+        type=int,
+        help="filter, weighted, reject: cross-fitting folds of the S-vs-U classifier (default 5)",
     )
-    method.add_argument("--filter-epochs", type=int, help="filter: epochs per fold (default 20)")
+    method.add_argument("--filter-epochs", type=int, help="filter, weighted, reject: epochs per fold (20)")
+    _add_beyond_paper_arguments(method)
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--model", choices=sorted(MODEL_PRESETS), help="UNet preset (default small)")
@@ -178,6 +184,19 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     grid.add_argument("--sample-steps", type=int, help="sampling steps (default 10)")
     grid.add_argument("--grid-size", type=int, help="samples in RUN/samples.png (default 64)")
+
+
+def _add_beyond_paper_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--warm-start-steps",
+        type=int,
+        help="supervised, pu, pu-bounded: the first N steps train the unsupervised objective (default 0)",
+    )
+    group.add_argument(
+        "--pu-min-timestep",
+        type=int,
+        help="pu-bounded: the PU terms apply at timesteps >= this, of 1000 (default 300)",
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -305,7 +324,7 @@ def command_train(args: argparse.Namespace) -> int:
     split = split_from_config(config, report=lambda message: print(f"pudm train: {message}", file=sys.stderr))
     check_method_fits_data(config.train.method, split)
     if args.beta == AUTO and not args.resume:
-        if config.train.method not in ("pu", "filter"):
+        if config.train.method not in BETA_METHODS:
             raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
         from pudm.prior import apply_estimate, describe, estimate_for_config
 
@@ -388,21 +407,35 @@ def command_sample(args: argparse.Namespace) -> int:
     sampler = args.sampler or defaults.sampler
     steps = args.steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))
     pipeline = load_pipeline(pipeline_dir)
-    labels = _class_labels(args, pipeline.unet)
-    images = generate(
-        pipeline.unet,
-        pipeline.scheduler.config,
-        num=args.num,
-        sampler=sampler,
-        steps=steps,
-        seed=args.seed,
-        class_labels=labels,
-    )
-    _write_samples(images, args.out, f"{sampler}, {steps} steps")
+
+    def draw(count: int, seed: int):
+        return generate(
+            pipeline.unet,
+            pipeline.scheduler.config,
+            num=count,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            class_labels=_class_labels(args, pipeline.unet, count),
+        )
+
+    from pudm.training import load_rejector
+
+    # A reject run's samples pass its rejector here; its pipeline folder alone samples without it.
+    rejector = load_rejector(args.run) if pipeline_dir != args.run else None
+    if rejector is None:
+        images = draw(args.num, args.seed)
+        how = f"{sampler}, {steps} steps"
+    else:
+        from pudm.filtering import sample_with_rejection
+
+        images, rejection = sample_with_rejection(draw, rejector, args.num, args.seed)
+        how = f"{sampler}, {steps} steps; the rejector dropped {rejection['rejected_share']:.1%} of draws"
+    _write_samples(images, args.out, how)
     return 0
 
 
-def _class_labels(args: argparse.Namespace, unet):
+def _class_labels(args: argparse.Namespace, unet, num: int):
     """``--class K`` for a class-conditional UNet: every sample of class K (default: U's label)."""
     import torch
 
@@ -410,12 +443,12 @@ def _class_labels(args: argparse.Namespace, unet):
 
     classes = unet.config.num_class_embeds
     if args.class_label is None:
-        return torch.full((args.num,), UNLABELED_LABEL, dtype=torch.long) if classes else None
+        return torch.full((num,), UNLABELED_LABEL, dtype=torch.long) if classes else None
     if not classes:
         raise UsageError(f"{args.run} is not class-conditional: drop --class")
     if not 0 <= args.class_label < classes:
         raise UsageError(f"--class must be in 0..{classes - 1}, got {args.class_label}")
-    return torch.full((args.num,), args.class_label, dtype=torch.long)
+    return torch.full((num,), args.class_label, dtype=torch.long)
 
 
 def _sample_sd(args: argparse.Namespace) -> int:
@@ -484,6 +517,8 @@ SD_OVERRIDES = {
     "method": ("train", "method"),
     "beta": ("train", "beta"),
     "correction": ("train", "correction"),
+    "warm_start_steps": ("train", "warm_start_steps"),
+    "pu_min_timestep": ("train", "pu_min_timestep"),
     "steps": ("train", "steps"),
     "batch_size": ("train", "batch_size"),
     "lr": ("train", "learning_rate"),
@@ -899,6 +934,7 @@ def _add_sd_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--method", help=f"one of {', '.join(SD_METHODS)} (default pu)")
     method.add_argument("--beta", type=float, help="share of sensitive items in U, in [0, 1) (default 0.2)")
     method.add_argument("--correction", help=f"PU correction: {' or '.join(CORRECTIONS)} (default abs)")
+    _add_beyond_paper_arguments(method)
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument(

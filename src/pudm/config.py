@@ -15,7 +15,11 @@ from pudm.data import SOURCES
 from pudm.errors import UsageError
 from pudm.objectives import CORRECTIONS
 
-TRAIN_METHODS = ("unsupervised", "supervised", "pu", "filter", "oracle")
+TRAIN_METHODS = ("unsupervised", "supervised", "pu", "filter", "oracle", "pu-bounded", "weighted", "reject")
+# The methods whose objective uses the S items of a batch (the others draw from U alone).
+S_OBJECTIVE_METHODS = ("supervised", "pu", "pu-bounded")
+# The methods that use beta.
+BETA_METHODS = ("pu", "pu-bounded", "filter", "weighted", "reject")
 SAMPLERS = ("ddpm", "ddim", "dpm", "dpm-sde")
 # Steps per sampler when none are given (benchmarks/README.md, "Samplers", has the measurements).
 DEFAULT_SAMPLING_STEPS = {"ddpm": 1000, "ddim": 50, "dpm": 20, "dpm-sde": 10}
@@ -113,6 +117,10 @@ class TrainConfig:
     filter_epochs: int = 20
     # --beta auto: the estimate that set beta (pudm.prior.PriorEstimate.to_dict()); None otherwise
     beta_estimate: dict | None = None
+    # The first N steps train the unsupervised objective, then the method's (a warm start).
+    warm_start_steps: int = 0
+    # pu-bounded: the PU terms apply to items whose timestep is at least this (of 1000).
+    pu_min_timestep: int = 300
 
 
 @dataclass
@@ -201,6 +209,14 @@ class RunConfig(StoredConfig):
         for name, value in positive.items():
             if value <= 0:
                 raise UsageError(f"{name} must be > 0, got {value}")
+        if not 0 <= train.warm_start_steps < train.steps:
+            raise UsageError(
+                f"--warm-start-steps must be in [0, --steps {train.steps}), got {train.warm_start_steps}"
+            )
+        check_warm_start(train)
+        horizon = self.model.num_train_timesteps
+        if not 0 <= train.pu_min_timestep <= horizon:
+            raise UsageError(f"--pu-min-timestep must be in [0, {horizon}], got {train.pu_min_timestep}")
         if train.filter_folds < 2:
             raise UsageError(f"--filter-folds must be >= 2, got {train.filter_folds}")
         if train.learning_rate <= 0:
@@ -235,6 +251,15 @@ class RunConfig(StoredConfig):
         k = data.sensitive_per_batch
         if k is not None and not 0 < k < train.batch_size:
             raise UsageError(f"--sensitive-per-batch must be in [1, batch size {train.batch_size}), got {k}")
+
+
+def check_warm_start(train: TrainConfig) -> None:
+    """A warm start only changes methods whose objective uses S."""
+    if train.warm_start_steps and train.method not in S_OBJECTIVE_METHODS:
+        raise UsageError(
+            f"--warm-start-steps: method {train.method} trains the unsupervised objective throughout: "
+            f"drop the flag or use one of {', '.join(S_OBJECTIVE_METHODS)}"
+        )
 
 
 def check_image_size(model: ModelConfig, image_size: int) -> None:

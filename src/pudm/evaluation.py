@@ -200,9 +200,10 @@ def evaluate_run(
     Sampling runs on ``device`` (default: the GPU where there is one); the initial noise comes
     from seeded CPU generators either way.
     """
+    from pudm.filtering import sample_with_rejection
     from pudm.models import load_pipeline
     from pudm.sampling import generate
-    from pudm.training import UNLABELED_LABEL, split_from_config
+    from pudm.training import UNLABELED_LABEL, load_rejector, split_from_config
 
     run_dir = Path(run_dir)
     if num <= 0:
@@ -223,17 +224,26 @@ def evaluate_run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_pipeline(run_dir / "pipeline", device=device)
     start = time.perf_counter()
-    images = generate(
-        pipeline.unet,
-        pipeline.scheduler.config,
-        num=num,
-        sampler=sampler,
-        steps=steps,
-        seed=seed,
-        show_progress=show_progress,
-        # A class-conditional model is asked for U's label: what a user of the model asks for.
-        class_labels=torch.full((num,), UNLABELED_LABEL) if config.model.num_classes else None,
-    )
+
+    def draw(count: int, draw_seed: int) -> np.ndarray:
+        return generate(
+            pipeline.unet,
+            pipeline.scheduler.config,
+            num=count,
+            sampler=sampler,
+            steps=steps,
+            seed=draw_seed,
+            show_progress=show_progress,
+            # A class-conditional model is asked for U's label: what a user of the model asks for.
+            class_labels=torch.full((count,), UNLABELED_LABEL) if config.model.num_classes else None,
+        )
+
+    rejector = load_rejector(run_dir)
+    rejection = None
+    if rejector is None:
+        images = draw(num, seed)
+    else:  # reject: judged on what pudm's sampler returns, the kept samples
+        images, rejection = sample_with_rejection(draw, rejector, num, seed)
     sampling_seconds = time.perf_counter() - start
     save_grid(images[:64], run_dir / EVAL_GRID)
     result = {
@@ -256,9 +266,14 @@ def evaluate_run(
             "fingerprint": classifier.fingerprint(),
         },
     }
+    if rejection is not None:
+        result["rejection"] = rejection
     report = filter_truth_report(run_dir, split)
     if report is not None:
         result["filter"] = report
+    report = weights_truth_report(run_dir, split)
+    if report is not None:
+        result["weights"] = report
     runs.atomic_write_json(run_dir / EVAL, result)
     return result
 
@@ -276,6 +291,23 @@ def filter_truth_report(run_dir: Path, split) -> dict | None:
     keep = torch.zeros(len(split.unlabeled), dtype=torch.bool)
     keep[torch.tensor(stored.get("kept_indices", []), dtype=torch.long)] = True
     return filter_report(keep, split.unlabeled_is_sensitive)
+
+
+def weights_truth_report(run_dir: Path, split) -> dict | None:
+    """A ``weighted`` run's weights judged against the hidden truth of U (the mean weight of its
+    hidden sensitive and normal items) where the data has one; None for other runs."""
+    from pudm.filtering import weights_report
+    from pudm.training import WEIGHTS
+
+    path = Path(run_dir) / WEIGHTS
+    if not path.is_file():
+        return None
+    stored = runs.read_json(path)
+    weights = torch.tensor(stored.get("weights", []), dtype=torch.float32)
+    if len(weights) != len(split.unlabeled):
+        return None
+    keys = ("mean_weight", "zero_weight_share", "mean_ratio_unlabeled")
+    return {**{k: stored.get(k) for k in keys}, **weights_report(weights, split.unlabeled_is_sensitive)}
 
 
 def resize_uint8(images: np.ndarray, size: int, channels: int) -> np.ndarray:

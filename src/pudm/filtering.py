@@ -1,15 +1,27 @@
-"""The ``filter`` baseline: drop the part of U that looks most like S, then train without S.
+"""Methods built on an S-vs-U classifier: ``filter``, ``weighted`` and ``reject``.
 
-It is the method most users would try first. A classifier learns S (label 1) against U (label 0);
-every item of U is scored by a model that did not see it (K-fold cross-fitting, so the scores are
-not memorised labels), and the ``beta`` share of U with the highest sensitive score is removed.
-Plain (unsupervised) diffusion training then runs on the rest.
+``filter`` is the method most users would try first. A classifier learns S (label 1) against U
+(label 0); every item of U is scored by a model that did not see it (K-fold cross-fitting, so the
+scores are not memorised labels), and the ``beta`` share of U with the highest sensitive score is
+removed. Plain (unsupervised) diffusion training then runs on the rest.
+
+``weighted`` keeps every item of U with a weight, the estimated chance that it is normal (a soft
+filter: :func:`soft_weights`). ``reject`` trains on all of U and drops, at sampling time, the
+samples that the filter's fold classifiers call sensitive (:class:`Rejector`).
 """
 
 from __future__ import annotations
 
-import torch
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pudm import runs
 from pudm.classifier import FitConfig, build_classifier, fit, predict_proba
 from pudm.errors import UsageError
 
@@ -22,6 +34,17 @@ def sensitive_scores(
     arch: str = "cnn",
 ) -> torch.Tensor:
     """Out-of-fold P(sensitive | x) for every item of ``unlabeled`` (images in [-1, 1], NCHW)."""
+    return cross_fit(unlabeled, sensitive, folds, fit_config, arch)[0]
+
+
+def cross_fit(
+    unlabeled: torch.Tensor,
+    sensitive: torch.Tensor,
+    folds: int = 5,
+    fit_config: FitConfig | None = None,
+    arch: str = "cnn",
+) -> tuple[torch.Tensor, list[torch.nn.Module]]:
+    """:func:`sensitive_scores` and the fold models that made them (model k never saw fold k of U)."""
     if len(sensitive) == 0:
         raise UsageError("the filter baseline needs labeled sensitive images (S is empty): add S")
     if not 2 <= folds <= len(unlabeled):
@@ -30,11 +53,13 @@ def sensitive_scores(
     generator = torch.Generator().manual_seed(fit_config.seed)
     fold_of = torch.randperm(len(unlabeled), generator=generator) % folds
     scores = torch.empty(len(unlabeled))
+    models = []
     for fold in range(folds):
         held = fold_of == fold
         model = fit_sensitive_classifier(unlabeled[~held], sensitive, fit_config, fold, arch)
         scores[held] = predict_proba(model, unlabeled[held])[:, 1]
-    return scores
+        models.append(model)
+    return scores, models
 
 
 def fit_sensitive_classifier(
@@ -75,3 +100,248 @@ def filter_report(keep: torch.Tensor, unlabeled_is_sensitive: torch.Tensor | Non
         report["recall"] = caught / max(1, int(unlabeled_is_sensitive.sum()))
         report["kept_sensitive"] = int((keep & unlabeled_is_sensitive).sum())
     return report
+
+
+# -- weighted: a soft filter ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SoftWeights:
+    """Per-item weights of U for ``weighted`` and what a user can check without the hidden truth.
+
+    Attributes:
+        weights: w(x) = clip(1 - beta r(x), 0, 1) for every item of U.
+        ratios: r(x) = p_S(x) / p_U(x), the calibrated density ratio.
+        scores: the out-of-fold P(S | x) of the balanced S-vs-U classifier, before calibration.
+        temperature, bias: the Platt calibration of the out-of-fold logits.
+        mean_ratio_unlabeled: mean of r over U; it is exactly 1 for the true ratio
+            (E_U[p_S/p_U] = 1), so a value far from 1 says the ratios are off.
+    """
+
+    weights: torch.Tensor
+    ratios: torch.Tensor
+    scores: torch.Tensor
+    temperature: float
+    bias: float
+    mean_ratio_unlabeled: float
+
+    def summary(self) -> dict:
+        return {
+            "mean_weight": float(self.weights.mean()),
+            "zero_weight_share": float((self.weights == 0).float().mean()),
+            "mean_ratio_unlabeled": self.mean_ratio_unlabeled,
+            "temperature": self.temperature,
+            "bias": self.bias,
+        }
+
+
+def soft_weights(
+    unlabeled: torch.Tensor,
+    sensitive: torch.Tensor,
+    beta: float,
+    folds: int = 5,
+    fit_config: FitConfig | None = None,
+    arch: str = "cnn",
+) -> SoftWeights:
+    """The weights of ``weighted``: each U item's estimated chance of being normal.
+
+    U = beta p_S + (1 - beta) p_N, so a U item x is sensitive with probability beta r(x),
+    r = p_S / p_U. A classifier of S against U trained with balanced class weights (as
+    :func:`fit_sensitive_classifier`) estimates g = p_S / (p_S + p_U), so r = g / (1 - g) (the
+    n_U / n_S factor of an unweighted classifier is 1 here). Every item of U *and* S gets g from a
+    model that did not see it (K folds over both sets), and the out-of-fold logits are calibrated
+    by Platt scaling (a temperature and a bias, fitted with the balanced loss) before r is formed:
+    a CNN's raw probabilities are over-confident, and r multiplies that error by beta.
+    """
+    if len(sensitive) == 0:
+        raise UsageError("method weighted needs labeled sensitive images (S is empty): add S")
+    smaller = min(len(unlabeled), len(sensitive))
+    if not 2 <= folds <= smaller:
+        raise UsageError(f"--filter-folds must be in [2, min(|U|, |S|) = {smaller}], got {folds}")
+    fit_config = fit_config or FitConfig()
+    generator = torch.Generator().manual_seed(fit_config.seed)
+    fold_u = torch.randperm(len(unlabeled), generator=generator) % folds
+    fold_s = torch.randperm(len(sensitive), generator=generator) % folds
+    logit_u, logit_s = torch.empty(len(unlabeled)), torch.empty(len(sensitive))
+    for fold in range(folds):
+        held_u, held_s = fold_u == fold, fold_s == fold
+        model = fit_sensitive_classifier(unlabeled[~held_u], sensitive[~held_s], fit_config, fold, arch)
+        logit_u[held_u] = _logit(model, unlabeled[held_u])
+        logit_s[held_s] = _logit(model, sensitive[held_s])
+    temperature, bias = platt_scaling(logit_u, logit_s)
+    calibrated = logit_u * temperature + bias
+    ratios = calibrated.clamp(-30, 30).exp()  # g / (1 - g) = exp(calibrated logit)
+    weights = (1.0 - beta * ratios).clamp(0.0, 1.0)
+    return SoftWeights(
+        weights=weights,
+        ratios=ratios,
+        scores=torch.sigmoid(logit_u),
+        temperature=temperature,
+        bias=bias,
+        mean_ratio_unlabeled=float(ratios.mean()),
+    )
+
+
+def _logit(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """log P(S | x) - log P(U | x) of a two-class classifier."""
+    with torch.no_grad():
+        model.eval()
+        logits = torch.cat([model(images[i : i + 512]) for i in range(0, len(images), 512)])
+    return (logits[:, 1] - logits[:, 0]).float()
+
+
+def platt_scaling(logit_unlabeled: torch.Tensor, logit_sensitive: torch.Tensor) -> tuple[float, float]:
+    """(a, b) such that sigmoid(a logit + b) is calibrated on these out-of-fold logits, each set
+    weighted to half the total (the balanced prior the classifier was trained with)."""
+    logits = torch.cat([logit_unlabeled, logit_sensitive]).double()
+    labels = torch.cat([torch.zeros(len(logit_unlabeled)), torch.ones(len(logit_sensitive))]).double()
+    weight = torch.where(labels == 1, 0.5 / len(logit_sensitive), 0.5 / len(logit_unlabeled))
+    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        scaled = logits * params[0] + params[1]
+        loss = (
+            weight * torch.nn.functional.binary_cross_entropy_with_logits(scaled, labels, reduction="none")
+        ).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    a, b = (float(v) for v in params.detach())
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return 1.0, 0.0
+    return a, b
+
+
+def weights_report(weights: torch.Tensor, unlabeled_is_sensitive: torch.Tensor | None) -> dict:
+    """Mean weight of U's hidden sensitive and normal items (evaluator only: reads the truth)."""
+    if unlabeled_is_sensitive is None:
+        return {}
+    hidden = unlabeled_is_sensitive.bool()
+    return {
+        "mean_weight_hidden_sensitive": float(weights[hidden].mean()) if hidden.any() else None,
+        "mean_weight_hidden_normal": float(weights[~hidden].mean()) if (~hidden).any() else None,
+        "share_of_weight_on_sensitive": float(weights[hidden].sum() / weights.sum().clamp_min(1e-12)),
+    }
+
+
+# -- reject: drop sensitive-looking samples at sampling time ----------------------------------------
+
+
+@dataclass(frozen=True)
+class RejectorInfo:
+    arch: str
+    channels: int
+    image_size: int
+    folds: int
+    beta: float
+    # A sample is rejected when the fold models' mean P(S | x) is above this: the score of U's
+    # (1 - beta) quantile (out of fold), the filter's cut.
+    threshold: float
+
+
+REJECTOR = "rejector"
+
+
+class Rejector:
+    """The filter's cross-fitted S-vs-U classifiers, used on samples: the fold models' mean
+    P(S | x) above the filter's cut on U means "sensitive, draw another"."""
+
+    def __init__(self, models: list[torch.nn.Module], info: RejectorInfo):
+        self.models = [model.eval() for model in models]
+        self.info = info
+
+    @classmethod
+    def fit(
+        cls,
+        unlabeled: torch.Tensor,
+        sensitive: torch.Tensor,
+        beta: float,
+        folds: int = 5,
+        fit_config: FitConfig | None = None,
+        arch: str = "cnn",
+    ) -> Rejector:
+        scores, models = cross_fit(unlabeled, sensitive, folds, fit_config, arch)
+        kept = scores[keep_mask(scores, beta)]
+        threshold = float(kept.max()) if len(kept) else 0.0
+        info = RejectorInfo(arch, unlabeled.shape[1], unlabeled.shape[-1], folds, beta, threshold)
+        return cls(models, info)
+
+    @torch.no_grad()
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """Mean P(S | x) of the fold models for uint8 (N, H, W, C) images."""
+        expected = (self.info.image_size, self.info.image_size, self.info.channels)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise UsageError(f"images of shape {images.shape[1:]} do not fit a rejector for {expected}")
+        inputs = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return torch.stack([predict_proba(model, inputs)[:, 1] for model in self.models]).mean(0).numpy()
+
+    def flags(self, images: np.ndarray) -> np.ndarray:
+        """True for the samples the rejector calls sensitive."""
+        return self.scores(images) > self.info.threshold
+
+    def save(self, path: Path) -> None:
+        def write(tmp: Path) -> None:
+            for index, model in enumerate(self.models):
+                state = {k: v.contiguous() for k, v in model.state_dict().items()}
+                save_file(state, tmp / f"fold{index}.safetensors")
+            (tmp / "config.json").write_text(json.dumps(asdict(self.info), indent=2), encoding="utf-8")
+
+        runs.atomic_write_dir(Path(path), write)
+
+    @classmethod
+    def load(cls, path: Path) -> Rejector:
+        path = Path(path)
+        try:
+            info = RejectorInfo(**runs.read_json(path / "config.json"))
+            models = []
+            for index in range(info.folds):
+                model = build_classifier(info.arch, info.channels, 2, info.image_size)
+                model.load_state_dict(load_file(path / f"fold{index}.safetensors"))
+                models.append(model)
+        except (OSError, TypeError, KeyError, RuntimeError, ValueError) as error:
+            raise runs.RunError(
+                f"{path} is not a readable rejector ({type(error).__name__}): delete it and train again "
+                "with --overwrite"
+            ) from None
+        return cls(models, info)
+
+
+def sample_with_rejection(
+    draw, rejector: Rejector, num: int, seed: int, max_draws: int | None = None
+) -> tuple[np.ndarray, dict]:
+    """``num`` samples none of which ``rejector`` flags, and the share it rejected.
+
+    ``draw(count, seed)`` returns ``count`` uint8 samples; round r draws with seed
+    ``seed + 1_000_003 r``, enough for the acceptance rate seen so far, so the same call always
+    returns the same images. Stops with an error after ``max_draws`` (default 50 num) draws.
+    """
+    max_draws = max_draws or 50 * num
+    kept: list[np.ndarray] = []
+    have = drawn = 0
+    acceptance = 1.0 - rejector.info.beta
+    round_index = 0
+    while have < num:
+        need = num - have
+        count = min(max_draws - drawn, math.ceil(need / max(acceptance, 0.02) * 1.05) + 4)
+        if count <= 0:
+            raise UsageError(
+                f"the rejector called {drawn - have} of {drawn} samples sensitive and {have} of the {num} "
+                "wanted were kept: this model generates sensitive samples almost only; lower --num or "
+                "train with another method"
+            )
+        images = draw(count, seed + 1_000_003 * round_index)
+        flagged = rejector.flags(images)
+        kept.append(images[~flagged])
+        have += int((~flagged).sum())
+        drawn += count
+        acceptance = max(have, 1) / drawn
+        round_index += 1
+    images = np.concatenate(kept)[:num]
+    return images, {
+        "num_drawn": drawn,
+        "rejected_share": (drawn - have) / drawn,
+        "threshold": rejector.info.threshold,
+    }

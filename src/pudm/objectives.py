@@ -21,6 +21,10 @@ is ``(1 - beta) E_N[l] = E_U[l] - beta E_S[l]`` and the PU objective is::
 The absolute value follows absPU (Hammoudeh & Lowd, 2020); ``correction="nn"`` follows nnPU (Kiryo
 et al., 2017): when the bracket is negative, the quantity backpropagated is its negation.
 
+Beyond the paper: ``pu-bounded`` applies the PU terms at high noise levels only, and ``weighted``
+trains on U with a per-item weight, the estimated chance that the item is normal (a soft filter).
+Both are described in :func:`objective`.
+
 This module imports only torch, so it can be reused by any training loop.
 """
 
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("unsupervised", "supervised", "pu")
+METHODS = ("unsupervised", "supervised", "pu", "pu-bounded", "weighted")
 CORRECTIONS = ("abs", "nn")
 
 # l is clamped away from 0 before h(l) = -log(1 - exp(-l)), which is +inf at l = 0.
@@ -146,25 +150,49 @@ def objective(
     beta: float = 0.1,
     correction: str = "abs",
     reduce: CrossProcessSum | None = None,
+    *,
+    weights: torch.Tensor | None = None,
+    high_noise: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """Reduce a per-sample denoising error to the training objective of ``method``.
 
     Args:
         method: ``"unsupervised"`` (mean_U l; S ignored), ``"supervised"`` (l on U items, h(l) on
-            S items, averaged over the batch: every unlabeled item treated as normal) or ``"pu"``
-            (``beta mean_S h(l) + |mean_U l - beta mean_S l|``).
+            S items, averaged over the batch: every unlabeled item treated as normal), ``"pu"``
+            (``beta mean_S h(l) + |mean_U l - beta mean_S l|``, the paper's), ``"pu-bounded"``
+            (the PU objective on the high-noise items only, see below) or ``"weighted"``
+            (``sum_U w l / sum_U w``, a soft filter; S ignored).
         per_sample_loss: shape ``(batch,)``, the summed squared noise-prediction error per item.
             Computed in float32 or higher precision for stable results; other dtypes are upcast.
         is_sensitive: shape ``(batch,)`` bool, True for items drawn from the labeled sensitive set S.
-        beta: share of sensitive items inside U, in [0, 1). Used by ``pu`` only; ``beta=0`` reduces
-            ``pu`` to ``unsupervised``.
-        correction: ``"abs"`` (absPU, the paper's choice) or ``"nn"`` (nnPU) for ``pu``.
+        beta: share of sensitive items inside U, in [0, 1). Used by ``pu`` and ``pu-bounded``;
+            ``beta=0`` reduces them to ``unsupervised``.
+        correction: ``"abs"`` (absPU, the paper's choice) or ``"nn"`` (nnPU) for the PU bracket.
         reduce: under data-parallel training, a :class:`CrossProcessSum`. The counts and sums of
-            every process are added up (one all-reduce of seven numbers) before the means, the
+            every process are added up (one all-reduce of a few numbers) before the means, the
             bracket and its sign are formed, so every process reports the objective of the global
             batch, and the backpropagated loss is scaled so that, once the data-parallel wrapper
             *averages* the gradients, N processes with batch B give exactly the gradient of one
             process with batch N*B. ``None``: this batch is the whole batch.
+        weights: ``weighted`` only, shape ``(batch,)``: each U item's weight w(x) in [0, 1], the
+            estimated chance that it is normal (:func:`pudm.filtering.soft_weights`).
+        high_noise: ``pu-bounded`` only, shape ``(batch,)`` bool: the items whose drawn timestep is
+            at or above the bound t0.
+
+    ``pu-bounded``: the paper's objective, with the ascent on S kept away from low noise. Raising
+    l on S at low noise levels (t < t0) damages the fine detail of every image, normal ones too,
+    and breaks deterministic samplers; at high noise it changes what is drawn. So, with U_hi, S_hi
+    the items at t >= t0 and U_lo the U items below::
+
+        PU_hi = beta mean_{S_hi} h(l) + | mean_{U_hi} l - beta mean_{S_hi} l |
+        risk  = ( sum_{U_lo} l + |U_hi| PU_hi ) / |U|
+
+    that is, every U item below t0 is trained as in ``unsupervised`` and the U items above it
+    are replaced by the PU estimate of their normal risk; S items below t0 are not used. ``t0 = 0``
+    gives ``pu``, ``t0 = T`` gives ``unsupervised``. (The idea of restricting the unlearning
+    signal to where it is harmless follows SISS, Alberti et al., ICLR 2025, arXiv 2503.01034,
+    which reweights the S gradient; bounding by noise level is pudm's choice, picked by
+    measurement: benchmarks/README.md.)
 
     Returns:
         ObjectiveOutput with the scalar to backpropagate and the parts worth logging.
@@ -180,37 +208,70 @@ def objective(
             "per_sample_loss and is_sensitive must both have shape (batch,), got "
             f"{tuple(per_sample_loss.shape)} and {tuple(is_sensitive.shape)}"
         )
+    for name, value, wanted in (("weights", weights, "weighted"), ("high_noise", high_noise, "pu-bounded")):
+        if (value is not None) != (method == wanted):
+            raise ValueError(f"{name} is given for method {wanted} and only for it (method {method})")
+        if value is not None and value.shape != per_sample_loss.shape:
+            raise ValueError(
+                f"{name} must have shape {tuple(per_sample_loss.shape)}, got {tuple(value.shape)}"
+            )
 
     half = (torch.float16, torch.bfloat16)
     loss = per_sample_loss.float() if per_sample_loss.dtype in half else per_sample_loss
     sensitive = is_sensitive.bool()
     unlabeled = ~sensitive
     zeros = torch.zeros_like(loss)
-    scores = sensitive_score(loss) if method != "unsupervised" else zeros
+    uses_scores = method in ("supervised", "pu", "pu-bounded")
+    scores = sensitive_score(loss) if uses_scores else zeros
     # Logged only: for every method, so a user sees when h(l) is dead before choosing one (the
-    # scores already computed are reused; unsupervised computes them here, without a graph).
-    logged_scores = scores.detach() if method != "unsupervised" else sensitive_score(loss.detach())
+    # scores already computed are reused; the others compute them here, without a graph).
+    logged_scores = scores.detach() if uses_scores else sensitive_score(loss.detach())
     live = sensitive & (logged_scores > LIVE_SCORE)
+    # The items of the PU terms: all of them, but for pu-bounded the high-noise ones.
+    high = high_noise.bool() if high_noise is not None else torch.ones_like(sensitive)
+    pu_unlabeled, pu_sensitive = unlabeled & high, sensitive & high
+    weight = weights.to(loss.dtype) if weights is not None else torch.ones_like(loss)
 
     # Everything the objective needs is a sum over the batch: with several processes these are
     # summed over processes first (counts too), so the objective is the global batch's.
+    def total(mask: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.where(mask, values, zeros).sum() if values is not None else mask.sum().to(loss.dtype)
+
     sums = _global_sums(
         torch.stack(
             [
-                torch.where(unlabeled, loss, zeros).sum(),
-                torch.where(sensitive, loss, zeros).sum(),
-                torch.where(sensitive, scores, zeros).sum(),
-                unlabeled.sum().to(loss.dtype),
-                sensitive.sum().to(loss.dtype),
+                total(unlabeled, loss),
+                total(sensitive, loss),
+                total(pu_sensitive, scores),
+                total(unlabeled),
+                total(sensitive),
                 loss.new_tensor(float(loss.numel())),
-                live.sum().to(loss.dtype),
+                total(live),
+                total(pu_unlabeled, loss),
+                total(pu_unlabeled),
+                total(pu_sensitive, loss),
+                total(pu_sensitive),
+                total(unlabeled, weight * loss),
+                total(unlabeled, weight),
             ]
         ),
         reduce,
     )
-    (sum_unlabeled, sum_sensitive, sum_scores, count_unlabeled, count_sensitive, count_all, count_live) = (
-        sums.unbind()
-    )
+    (
+        sum_unlabeled,
+        sum_sensitive,
+        sum_scores,
+        count_unlabeled,
+        count_sensitive,
+        count_all,
+        count_live,
+        sum_pu_unlabeled,
+        count_pu_unlabeled,
+        sum_pu_sensitive,
+        count_pu_sensitive,
+        sum_weighted,
+        sum_weights,
+    ) = sums.unbind()
     # Counts clamped to >= 1 so that a batch without items of one kind gives 0, not NaN.
     mean_unlabeled = sum_unlabeled / count_unlabeled.detach().clamp_min(1)
     mean_sensitive = sum_sensitive / count_sensitive.detach().clamp_min(1)
@@ -219,23 +280,33 @@ def objective(
     if method == "unsupervised":
         positive = loss.new_zeros(())
         negative = risk = to_backpropagate = mean_unlabeled
+    elif method == "weighted":
+        positive = loss.new_zeros(())
+        # A batch whose weights are all 0 trains nothing (0, not NaN).
+        negative = risk = to_backpropagate = sum_weighted / sum_weights.detach().clamp_min(1e-12)
     elif method == "supervised":
         # Every unlabeled item is treated as normal; the batch mean weighs each item once.
         batch_size = count_all.detach().clamp_min(1)
         positive = sum_scores / batch_size
         negative = sum_unlabeled / batch_size
         risk = to_backpropagate = positive + negative
-    else:
+    elif method == "pu":
         positive = beta * sum_scores / count_sensitive.detach().clamp_min(1)
         negative = mean_unlabeled - beta * mean_sensitive  # the bracket: (1 - beta) E_N[l]
         corrected = negative.detach() < 0
-        if correction == "abs":
-            risk = to_backpropagate = positive + negative.abs()
-        else:
-            # nnPU: report max(0, bracket) but, when the bracket is negative, step on -bracket
-            # alone to push it back up (Kiryo et al. 2017, Algorithm 1).
-            risk = positive + negative.clamp_min(0)
-            to_backpropagate = torch.where(corrected, -negative, positive + negative)
+        risk, to_backpropagate = _pu_risk(positive, negative, corrected, correction)
+    else:  # pu-bounded
+        count_high = count_pu_unlabeled.detach()
+        positive = beta * sum_scores / count_pu_sensitive.detach().clamp_min(1)
+        negative = sum_pu_unlabeled / count_high.clamp_min(1) - beta * sum_pu_sensitive / (
+            count_pu_sensitive.detach().clamp_min(1)
+        )
+        corrected = negative.detach() < 0
+        pu_risk, pu_step = _pu_risk(positive, negative, corrected, correction)
+        low = sum_unlabeled - sum_pu_unlabeled  # the U items below t0, trained as unsupervised
+        scale = count_unlabeled.detach().clamp_min(1)
+        risk = (low + count_high * pu_risk) / scale
+        to_backpropagate = (low + count_high * pu_step) / scale
     if reduce is not None and reduce.world_size > 1:
         # Same value; gradient times N, undoing the data-parallel average over N processes.
         to_backpropagate = to_backpropagate + (reduce.world_size - 1) * (
@@ -255,3 +326,15 @@ def objective(
         num_sensitive=count_sensitive_int,
         live_sensitive_fraction=count_live.detach() / count_sensitive.detach().clamp_min(1),
     )
+
+
+def _pu_risk(
+    positive: torch.Tensor, bracket: torch.Tensor, corrected: torch.Tensor, correction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(risk to report, quantity to backpropagate) of ``positive + |bracket|`` (absPU) or nnPU."""
+    if correction == "abs":
+        risk = positive + bracket.abs()
+        return risk, risk
+    # nnPU: report max(0, bracket) but, when the bracket is negative, step on -bracket alone to
+    # push it back up (Kiryo et al. 2017, Algorithm 1).
+    return positive + bracket.clamp_min(0), torch.where(corrected, -bracket, positive + bracket)

@@ -32,14 +32,23 @@ import numpy as np
 import torch
 
 from pudm import runs
-from pudm.config import DEFAULT_SAMPLING_STEPS, SAMPLERS, StoredConfig, TrainConfig, section_from_dict
+from pudm.config import (
+    DEFAULT_SAMPLING_STEPS,
+    SAMPLERS,
+    StoredConfig,
+    TrainConfig,
+    check_warm_start,
+    section_from_dict,
+)
 from pudm.errors import UsageError
 from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
 from pudm.objectives import CORRECTIONS
 from pudm.training import Trainer, make_accelerator
 
 SD_KIND = "sd"
-SD_METHODS = ("unsupervised", "supervised", "pu")
+# pu-bounded works on latents as on pixels; weighted and reject need an S-vs-U image classifier,
+# which pudm has for small images only (the CNN of pudm.filtering), so they are not offered here.
+SD_METHODS = ("unsupervised", "supervised", "pu", "pu-bounded")
 LORA_DIR = "lora"
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -114,8 +123,8 @@ def sd_train_defaults() -> TrainConfig:
 
 
 def default_learning_rate(method: str) -> float:
-    """The paper: 1e-5 for pu, 1e-4 for the other methods."""
-    return 1e-5 if method == "pu" else 1e-4
+    """The paper: 1e-5 for pu (and pu-bounded, its variant), 1e-4 for the other methods."""
+    return 1e-5 if method in ("pu", "pu-bounded") else 1e-4
 
 
 @dataclass
@@ -152,6 +161,11 @@ class SDRunConfig(StoredConfig):
             raise SDError(f"unknown correction {train.correction!r}; choose one of {', '.join(CORRECTIONS)}")
         if not 0.0 <= train.beta < 1.0:
             raise SDError(f"--beta must be in [0, 1), got {train.beta}")
+        check_warm_start(train)
+        if train.warm_start_steps < 0 or (model.epochs is None and train.warm_start_steps >= train.steps):
+            raise SDError(f"--warm-start-steps must be in [0, --steps), got {train.warm_start_steps}")
+        if not 0 <= train.pu_min_timestep <= 1000:
+            raise SDError(f"--pu-min-timestep must be in [0, 1000], got {train.pu_min_timestep}")
         if not model.pretrained:
             raise SDError("--pretrained is required: a local Stable Diffusion folder or a hub id")
         if not data.unlabeled:

@@ -23,7 +23,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine
 from tqdm.auto import tqdm
 
 from pudm import runs
-from pudm.config import RunConfig
+from pudm.config import S_OBJECTIVE_METHODS, RunConfig
 from pudm.data import PUBatches, PUSplit, build_pu_split, load_source
 from pudm.errors import UsageError
 from pudm.models import build_noise_scheduler, build_unet, load_pretrained, save_pipeline
@@ -31,6 +31,7 @@ from pudm.objectives import CrossProcessSum, objective
 from pudm.sampling import generate, save_grid
 
 FILTER = "filter.json"
+WEIGHTS = "weights.json"
 
 
 def launched_on_cpus() -> bool:
@@ -148,7 +149,7 @@ def _method_items(
         if keep is None:
             raise ValueError("method filter needs the keep mask of its S-vs-U classifier")
         of_unlabeled = of_unlabeled[keep]
-    if method in ("unsupervised", "oracle", "filter"):
+    if method not in S_OBJECTIVE_METHODS:
         return of_unlabeled, None
     return of_unlabeled, of_sensitive
 
@@ -158,9 +159,9 @@ def training_pool(
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """The tensor that batches index into, its is-sensitive mask, and the |U|, |S| it holds.
 
-    Methods that ignore S (unsupervised, oracle, filter) draw from U alone, so their batches are all
-    training signal. ``oracle`` keeps only the hidden-normal part of U, ``filter`` the part its
-    S-vs-U classifier kept (``keep``).
+    Methods whose objective ignores S (unsupervised, oracle, filter, weighted, reject) draw from U
+    alone, so their batches are all training signal. ``oracle`` keeps only the hidden-normal part
+    of U, ``filter`` the part its S-vs-U classifier kept (``keep``).
     """
     check_method_fits_data(method, split)
     unlabeled, sensitive = _method_items(split, method, keep, split.unlabeled, split.sensitive)
@@ -231,6 +232,75 @@ def filter_keep(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = 
             },
         )
     return keep
+
+
+def weighted_weights(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = True) -> torch.Tensor:
+    """The ``weighted`` method's weight of every U item: read from ``RUN/weights.json`` when a
+    resumed run has it, computed (:func:`pudm.filtering.soft_weights`) and written otherwise."""
+    from pudm.classifier import FitConfig
+    from pudm.filtering import soft_weights
+
+    path = Path(run_dir) / WEIGHTS
+    if path.is_file():
+        stored = runs.read_json(path)
+        weights = torch.tensor(stored.get("weights", []), dtype=torch.float32)
+        if len(weights) != len(split.unlabeled):
+            raise runs.RunError(
+                f"{path} does not belong to this run's data: delete it to recompute the weights"
+            )
+        return weights
+    train = config.train
+    soft = soft_weights(
+        split.unlabeled,
+        split.sensitive,
+        train.beta,
+        folds=train.filter_folds,
+        fit_config=FitConfig(epochs=train.filter_epochs, seed=train.seed),
+    )
+    if write:
+        # No hidden truth here: how the weights of truly sensitive items compare is eval.json's.
+        runs.atomic_write_json(
+            path,
+            {
+                "beta": train.beta,
+                "folds": train.filter_folds,
+                **soft.summary(),
+                "weights": soft.weights.tolist(),
+                "ratios": soft.ratios.tolist(),
+                "scores": soft.scores.tolist(),
+            },
+        )
+    return soft.weights
+
+
+def run_rejector(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = True):
+    """The ``reject`` method's :class:`pudm.filtering.Rejector`: loaded from ``RUN/rejector`` when
+    a resumed run has it, fitted (the filter's cross-fitted classifiers) and saved otherwise."""
+    from pudm.classifier import FitConfig
+    from pudm.filtering import REJECTOR, Rejector
+
+    path = Path(run_dir) / REJECTOR
+    if (path / "config.json").is_file():
+        return Rejector.load(path)
+    train = config.train
+    rejector = Rejector.fit(
+        split.unlabeled,
+        split.sensitive,
+        train.beta,
+        folds=train.filter_folds,
+        fit_config=FitConfig(epochs=train.filter_epochs, seed=train.seed),
+    )
+    if write:
+        rejector.save(path)
+    return rejector
+
+
+def load_rejector(run_dir: Path):
+    """A ``reject`` run's rejector, None for every other run (or a bare pipeline folder)."""
+    from pudm.filtering import REJECTOR, Rejector
+
+    path = Path(run_dir) / REJECTOR
+    return Rejector.load(path) if (path / "config.json").is_file() else None
 
 
 @torch.no_grad()
@@ -408,10 +478,15 @@ class Trainer:
     def _prepare(self) -> None:
         """Hand the model and optimiser to accelerate; move what else the loop needs."""
         cfg, accelerator = self.config, self.accelerator
-        self.keep = None
+        self.keep = self.unlabeled_weights = self.rejector = None
+        # Every process computes the same seeded mask, weights or rejector; the main process writes.
+        write = accelerator.is_main_process
         if cfg.train.method == "filter":
-            # Every process computes the same seeded mask; only the main process writes it.
-            self.keep = filter_keep(cfg, self.split, self.run_dir, write=accelerator.is_main_process)
+            self.keep = filter_keep(cfg, self.split, self.run_dir, write=write)
+        elif cfg.train.method == "weighted":
+            self.unlabeled_weights = weighted_weights(cfg, self.split, self.run_dir, write=write)
+        elif cfg.train.method == "reject":
+            self.rejector = run_rejector(cfg, self.split, self.run_dir, write=write)
         self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
         self.ema.to(accelerator.device)
 
@@ -420,12 +495,16 @@ class Trainer:
 
         ``fetch(index, step)`` turns the step's pool indices into ``(clean, is_sensitive,
         conditioning)`` on the device; ``conditioning`` is None for an unconditional UNet.
+        ``self.pool_weights``: ``weighted``'s per-item weights over the pool (None otherwise).
         """
         train, device = self.config.train, self.accelerator.device
         pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(
             self.split, train.method, self.keep
         )
         pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
+        self.pool_weights = None
+        if self.unlabeled_weights is not None:
+            self.pool_weights = self.unlabeled_weights.to(device)  # the pool is U, in order
         if self.config.model.num_classes:
             # Class-conditional UNet: each item is conditioned on the set it was drawn from (U's
             # label or S's), never on its hidden class.
@@ -439,7 +518,7 @@ class Trainer:
             def fetch(index: torch.Tensor, step: int):
                 return pool[index], pool_is_sensitive[index], None
 
-        method = "unsupervised" if train.method in ("oracle", "filter") else train.method
+        method = "unsupervised" if train.method in ("oracle", "filter", "reject") else train.method
         return fetch, num_unlabeled, num_sensitive, method
 
     # ---------------------------------------------------------------------------------------------
@@ -480,6 +559,7 @@ class Trainer:
         device = accelerator.device
         unet, noise_scheduler = self.unet, self.noise_scheduler
         fetch, num_unlabeled, num_sensitive, objective_method = self._batches()
+        pool_weights = getattr(self, "pool_weights", None)
         trainable = self._trainable_parameters()
         batches = PUBatches(
             num_unlabeled,
@@ -519,12 +599,13 @@ class Trainer:
                     unet, noise_scheduler, clean, noise, timesteps, conditioning
                 )
             out = objective(
-                objective_method,
+                objective_method if step >= train.warm_start_steps else "unsupervised",
                 per_sample_loss,
                 is_sensitive,
                 beta=train.beta,
                 correction=train.correction,
                 reduce=reduce,
+                **_objective_inputs(objective_method, step, train, index, timesteps, pool_weights),
             )
             accelerator.backward(out.loss)
             grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
@@ -658,21 +739,42 @@ class Trainer:
             self.run_dir / "pipeline",
             lambda tmp: save_pipeline(copy.deepcopy(self.ema).to("cpu"), training_schedule, tmp),
         )
-        images = generate(
-            self.ema,
-            training_schedule.config,
-            class_labels=grid_labels(cfg, cfg.sample.grid_size),
-            num=cfg.sample.grid_size,
-            sampler=cfg.sample.sampler,
-            steps=cfg.sample.steps,
-            seed=cfg.train.seed,
-            show_progress=False,
-        )
+
+        def draw(count: int, seed: int):
+            return generate(
+                self.ema,
+                training_schedule.config,
+                class_labels=grid_labels(cfg, count),
+                num=count,
+                sampler=cfg.sample.sampler,
+                steps=cfg.sample.steps,
+                seed=seed,
+                show_progress=False,
+            )
+
+        if self.rejector is not None:  # reject: the grid shows what pudm's sampler returns
+            from pudm.filtering import sample_with_rejection
+
+            images, _ = sample_with_rejection(draw, self.rejector, cfg.sample.grid_size, cfg.train.seed)
+        else:
+            images = draw(cfg.sample.grid_size, cfg.train.seed)
         save_grid(images, self.run_dir / "samples.png")
         runs.atomic_write_json(
             self.run_dir / runs.SUMMARY,
             {"steps": cfg.train.steps, "final_metrics": self.last_metrics, "data": self.split.summary()},
         )
+
+
+def _objective_inputs(method: str, step: int, train, index, timesteps, pool_weights) -> dict:
+    """The extra per-item inputs of the objective at ``step``: weighted's weights, pu-bounded's
+    high-noise mask; none during a warm start (the unsupervised objective)."""
+    if step < train.warm_start_steps:
+        return {}
+    if method == "weighted":
+        return {"weights": pool_weights[index]}
+    if method == "pu-bounded":
+        return {"high_noise": timesteps >= train.pu_min_timestep}
+    return {}
 
 
 # What each log tick averages; "bracket" is the PU negative-risk estimate mean_U l - beta mean_S l;
