@@ -31,7 +31,19 @@ CASES = [
     ("pu", "nn", 0.1),
     ("pu", "abs", 0.9),
     ("pu", "nn", 0.9),
+    ("pu-bounded", "abs", 0.1),
+    ("pu-bounded", "nn", 0.9),
+    ("weighted", "abs", 0.1),
 ]
+
+
+def _extras(method: str, block: slice) -> dict[str, torch.Tensor]:
+    """The per-item inputs of the methods beyond the paper, cut like the batch."""
+    if method == "weighted":
+        return {"weights": torch.linspace(0.0, 1.0, 12)[block]}
+    if method == "pu-bounded":
+        return {"high_noise": (torch.arange(12) % 3 != 1)[block]}
+    return {}
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,11 +57,19 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, is_sensitive
 
 
-def _loss_and_grad(inputs, is_sensitive, case, reduce=None):
+def _loss_and_grad(inputs, is_sensitive, case, reduce=None, block=slice(0, 12)):
     method, correction, beta = case
     weight = torch.linspace(0.5, 1.5, FEATURES).requires_grad_(True)
     per_sample = (inputs * weight).pow(2).sum(1)
-    out = objective(method, per_sample, is_sensitive, beta=beta, correction=correction, reduce=reduce)
+    out = objective(
+        method,
+        per_sample,
+        is_sensitive,
+        beta=beta,
+        correction=correction,
+        reduce=reduce,
+        **_extras(method, block),
+    )
     out.loss.backward()
     return out, weight.grad
 
@@ -60,7 +80,9 @@ def _worker(rank: int, init_file: str, results: str) -> None:
     block = slice(rank * 6, (rank + 1) * 6)
     rows = []
     for case in CASES:
-        out, grad = _loss_and_grad(inputs[block], is_sensitive[block], case, reduce=CrossProcessSum())
+        out, grad = _loss_and_grad(
+            inputs[block], is_sensitive[block], case, reduce=CrossProcessSum(), block=block
+        )
         dist.all_reduce(grad)  # what DistributedDataParallel does: average the gradients
         grad /= WORLD
         rows.append(
@@ -96,7 +118,7 @@ def test_objective_over_two_processes_equals_one_process_on_the_global_batch(tmp
             torch.testing.assert_close(torch.tensor(row["grad"]), reference_grad, rtol=1e-5, atol=1e-6)
     # The cases really exercise both signs of the bracket.
     corrected = [bool(_loss_and_grad(inputs, is_sensitive, case)[0].corrected) for case in CASES]
-    assert corrected == [False, False, False, False, True, True]
+    assert corrected == [False, False, False, False, True, True, False, True, False]
 
 
 def test_per_process_means_would_differ():
@@ -131,7 +153,7 @@ def _launch() -> tuple[dict[str, str], list[str]]:
 # No warm-up and a constant real lr (1e-3): every step moves the weights by ~1e-3 each, so a wrong
 # gradient shows far above the tolerance below.
 ARGS = ["--steps", "6", "--log-every", "2", "--checkpoint-every", "3", "--quiet", "--warmup-steps", "0"]
-ARGS += ["--sample-steps", "4", "--grid-size", "8", "--method", "pu", "--beta", "0.1", "--ema-decay", "0.5"]
+ARGS += ["--sample-steps", "4", "--grid-size", "8", "--beta", "0.1", "--ema-decay", "0.5"]
 ARGS += ["--lr-schedule", "constant"]
 
 
@@ -139,15 +161,17 @@ def _unet(run: Path) -> dict[str, torch.Tensor]:
     return load_file(next((run / "pipeline" / "unet").glob("*.safetensors")))
 
 
-def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batch(tmp_path):
+@pytest.mark.parametrize("method", ["pu", "pu-bounded", "weighted"])
+def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batch(tmp_path, method):
     env, launch = _launch()
     two, one = tmp_path / "two", tmp_path / "one"
-    done = _run([*launch, "train", "--out", str(two), *ARGS, "--batch-size", "8"], env)
+    args = [*ARGS, "--method", method, "--filter-epochs", "1"]
+    done = _run([*launch, "train", "--out", str(two), *args, "--batch-size", "8"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stderr, "the launch must really be data-parallel"
     assert done.stdout.count("done: pipeline") == 1, "only the main process reports"
     single = _run(
-        [sys.executable, "-m", "pudm", "train", "--out", str(one), *ARGS, "--batch-size", "16"], env
+        [sys.executable, "-m", "pudm", "train", "--out", str(one), *args, "--batch-size", "16"], env
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
