@@ -272,3 +272,18 @@ def test_warm_start_on_a_method_without_s_is_a_usage_error(tmp_path, capsys):
     assert code == 2
     assert "--warm-start-steps: method filter" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "pu-bounded", "--pu-min-timestep", "2000"], "--pu-min-timestep must be in [0, 1000]"),
+        (["--method", "pu", "--steps", "5", "--warm-start-steps", "5"], "--warm-start-steps must be in"),
+        (["--method", "weighted", "--filter-folds", "1"], "--filter-folds must be >= 2"),
+    ],
+)
+def test_bad_values_of_the_new_flags_are_one_line(tmp_path, capsys, argv, message):
+    assert main(["train", "--out", str(tmp_path / "r"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

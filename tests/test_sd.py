@@ -364,3 +364,22 @@ def test_pickled_weights_are_refused(world, tmp_path, capsys):
         "the UNet could not be loaded",
     )
     assert not out.exists()
+
+
+def test_pu_bounded_and_warm_start_on_latents(world, tmp_path):
+    """pu-bounded with t0 = 0 is the paper's objective on latents, step for step; a warm start
+    trains the unsupervised objective first (the logged bracket is then mean_U l)."""
+    assert sd(world, tmp_path / "pu", "--method", "pu") == 0
+    assert sd(world, tmp_path / "bounded", "--method", "pu-bounded", "--pu-min-timestep", "0") == 0
+    pu, bounded = (
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("pu", "bounded")
+    )
+    for a, b in zip(pu, bounded, strict=True):
+        for key in ("loss", "bracket", "mean_unlabeled_loss", "mean_sensitive_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert sd(world, tmp_path / "warm", "--method", "pu", "--warm-start-steps", "2") == 0
+    warm = [json.loads(line) for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["bracket"] == m["mean_unlabeled_loss"] for m in warm] == [True, False]
+    assert warm[0]["loss"] == pytest.approx(warm[0]["mean_unlabeled_loss"], rel=1e-6)
+    assert warm[1]["loss"] != pytest.approx(warm[1]["mean_unlabeled_loss"], rel=1e-3)
