@@ -5,8 +5,35 @@ plus a small labeled sensitive set S, so that it generates normal data only (Tak
 ICLR 2025).
 """
 
+from pudm.api import (
+    Run,
+    benchmark,
+    estimate_beta,
+    evaluate,
+    preset,
+    sample,
+    train,
+    train_classifier,
+    train_sd,
+)
 from pudm.errors import UsageError
 from pudm.objectives import CrossProcessSum, ObjectiveOutput, objective, sensitive_score
 
 __version__ = "0.1.0"
-__all__ = ["CrossProcessSum", "ObjectiveOutput", "UsageError", "objective", "sensitive_score", "__version__"]
+__all__ = [
+    "CrossProcessSum",
+    "ObjectiveOutput",
+    "Run",
+    "UsageError",
+    "__version__",
+    "benchmark",
+    "estimate_beta",
+    "evaluate",
+    "objective",
+    "preset",
+    "sample",
+    "sensitive_score",
+    "train",
+    "train_classifier",
+    "train_sd",
+]

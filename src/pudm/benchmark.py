@@ -14,8 +14,8 @@ reused, an interrupted run is resumed: re-running the same command picks up wher
 
 from __future__ import annotations
 
+import logging
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from pudm.config import BETA_METHODS, TRAIN_METHODS, RunConfig, default_steps, p
 from pudm.errors import UsageError
 from pudm.evaluation import EVAL, FID_CLASSIFIER, FID_PIXELS, check_classifier, evaluate_run
 
+_LOG = logging.getLogger("pudm")
 RESULTS = "results.json"
 TABLE = "table.md"
 
@@ -108,16 +109,16 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
     interrupted one, start afresh otherwise (an existing run of another config is an error)."""
     from pudm.training import Trainer, check_method_fits_data, split_from_config
 
-    run_dir = Path(run_dir)
-    resume = runs.holds_run(run_dir)
+    folder = runs.RunFolder(run_dir)
+    resume = folder.holds_run
     if resume:
-        stored = RunConfig.normalize(runs.read_json(run_dir / runs.CONFIG))
+        stored = RunConfig.normalize(runs.read_json(folder.path / runs.CONFIG))
         # The end-of-run grid's sampler ("sample") does not change what was trained.
         if {**stored, "sample": None} != {**config.to_dict(), "sample": None}:
             raise runs.RunError(
                 f"{run_dir} holds a run with other settings: remove it or choose another --out"
             )
-        if runs.is_complete(run_dir):
+        if folder.complete:
             return
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise runs.RunError(f"{run_dir} exists and is not a pudm run: choose another --out")
@@ -227,7 +228,7 @@ def run_benchmark(
     sampler: str | None = None,
     sample_steps: int | None = None,
     show_progress: bool = True,
-    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    log: Callable[[str], None] = _LOG.info,
     pretrained: str | None = None,
     learning_rate: float | None = None,
     data_dir: str | None = None,

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import logging
 import sys
 from pathlib import Path
 
 from pudm import runs
 from pudm.config import (
-    BETA_METHODS,
     PREDICTION_TYPES,
     PRESETS,
     SAMPLERS,
@@ -201,14 +200,14 @@ def _add_beyond_paper_arguments(group: argparse._ArgumentGroup) -> None:
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
     """The preset with every flag the user gave applied, validated."""
-    folder_flags = [f for f in ("unlabeled", "sensitive", "test") if getattr(args, f, None) is not None]
-    name = args.preset or ("folders" if folder_flags else "digits_even")
-    config = preset(name)
-    if folder_flags and config.data.source != "folders":
-        raise UsageError(
-            f"--{folder_flags[0]} gives image folders, and preset {config.preset} brings its own data: "
-            "drop --preset (or use --preset folders)"
-        )
+    from pudm import api
+
+    config = api.preset(
+        args.preset,
+        unlabeled=getattr(args, "unlabeled", None),
+        sensitive=getattr(args, "sensitive", None),
+        test=getattr(args, "test", None),
+    )
     if getattr(args, "model", None) is not None:
         # A model preset sets the architecture; the preset's prediction type stays unless overridden.
         prediction_type = config.model.prediction_type
@@ -303,85 +302,30 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
-def _prepare_out(args: argparse.Namespace) -> None:
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file: choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not args.resume:
-        if not runs.holds_run(out):
-            raise UsageError(f"--out {out} exists and is not a pudm run: choose an empty or new folder")
-        if not args.overwrite:
-            raise UsageError(
-                f"--out {out} already holds a run: pass --resume to continue it or --overwrite to replace it"
-            )
-
-
 def command_train(args: argparse.Namespace) -> int:
-    from pudm.training import Trainer, check_method_fits_data, process_state, split_from_config
+    from pudm import api
+    from pudm.training import process_state
 
-    _prepare_out(args)
+    runs.RunFolder(args.out).check(args.resume, args.overwrite)
     config = _resume_config(args) if args.resume else resolve_config(args)
-    split = split_from_config(config, report=lambda message: print(f"pudm train: {message}", file=sys.stderr))
-    check_method_fits_data(config.train.method, split)
-    if args.beta == AUTO and not args.resume:
-        if config.train.method not in BETA_METHODS:
-            raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
-        from pudm.prior import apply_estimate, describe, estimate_for_config
-
-        estimate = estimate_for_config(config, split)
-        apply_estimate(config, estimate)
-        print(f"pudm train: --beta auto: {describe(estimate)}", file=sys.stderr)
-        for warning in estimate.warnings:
-            print(f"pudm train: warning: {warning}", file=sys.stderr)
-    if args.resume and runs.is_complete(args.out):
+    was_complete = args.resume and runs.is_complete(args.out)
+    api.train(
+        config,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        auto_beta=args.beta == AUTO,
+        show_progress=not args.quiet,
+    )
+    if was_complete:
         print(f"{args.out} is complete ({config.train.steps} steps); nothing to resume")
-        return 0
-    # Under `accelerate launch` every process runs this command: all of them validate, then the
-    # main process alone touches the folder while the others wait.
-    state = process_state()
-    if state.is_main_process:
-        _check_writable(args)
-        if args.overwrite:
-            for child in args.out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        summary = split.summary()
-        processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
-        print(
-            f"pudm train: {config.preset}, method {config.train.method}, beta {config.train.beta}, "
-            f"U {summary['unlabeled']}"
-            + (
-                f" (hidden sensitive {summary['unlabeled_sensitive']})"
-                if summary["unlabeled_sensitive"] is not None
-                else ""
-            )
-            + ", "
-            f"S {summary['sensitive']}, {config.train.steps} steps{processes} -> {args.out}",
-            file=sys.stderr,
-        )
-    state.wait_for_everyone()
-    Trainer(config, split, args.out, show_progress=not args.quiet).train(resume=args.resume)
-    if not state.is_main_process:
-        return 0
-    print(f"done: pipeline in {args.out / 'pipeline'}, samples in {args.out / 'samples.png'}")
+    elif process_state().is_main_process:
+        print(f"done: pipeline in {args.out / 'pipeline'}, samples in {args.out / 'samples.png'}")
     return 0
 
 
-def _pipeline_dir(path: Path) -> Path:
-    if (path / "model_index.json").is_file():
-        return path
-    if (path / "pipeline" / "model_index.json").is_file():
-        return path / "pipeline"
-    if runs.holds_run(path):
-        raise UsageError(
-            f"{path} has no pipeline/ yet (the run did not finish): finish it with "
-            f"pudm train --resume --out {path}"
-        )
-    raise UsageError(f"{path} is neither a pudm run folder nor a diffusers pipeline folder: check the path")
-
-
 def command_sample(args: argparse.Namespace) -> int:
-    from pudm.models import load_pipeline
-    from pudm.sampling import generate
+    from pudm import api
 
     if args.num <= 0:
         raise UsageError(f"--num must be > 0, got {args.num}")
@@ -392,94 +336,19 @@ def command_sample(args: argparse.Namespace) -> int:
             raise UsageError(f"--out {out}: use a .png (grid) or .npz (uint8 array) file name")
         if not out.parent.exists() and str(out.parent):
             raise UsageError(f"--out {out}: folder {out.parent} does not exist: create it first")
+    images, how = api.sample_described(
+        args.run,
+        args.num,
+        args.seed,
+        sampler=args.sampler,
+        steps=args.steps,
+        class_label=args.class_label,
+        prompt=args.prompt,
+        guidance_scale=args.guidance_scale,
+    )
     from pudm.sd import is_sd_run
 
-    if is_sd_run(args.run):
-        return _sample_sd(args)
-    if args.prompt is not None or args.guidance_scale is not None:
-        raise UsageError(
-            f"--prompt and --guidance-scale are for pudm sd runs; {args.run} is not one: drop them"
-        )
-    pipeline_dir = _pipeline_dir(args.run)
-    defaults = RunConfig().sample
-    if pipeline_dir != args.run and runs.holds_run(args.run):
-        defaults = RunConfig.from_dict(runs.read_json(args.run / runs.CONFIG)).sample
-    sampler = args.sampler or defaults.sampler
-    steps = args.steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))
-    pipeline = load_pipeline(pipeline_dir)
-
-    def draw(count: int, seed: int):
-        return generate(
-            pipeline.unet,
-            pipeline.scheduler.config,
-            num=count,
-            sampler=sampler,
-            steps=steps,
-            seed=seed,
-            class_labels=_class_labels(args, pipeline.unet, count),
-        )
-
-    from pudm.training import load_rejector
-
-    # A reject run's samples pass its rejector here; its pipeline folder alone samples without it.
-    rejector = load_rejector(args.run) if pipeline_dir != args.run else None
-    if rejector is None:
-        images = draw(args.num, args.seed)
-        how = f"{sampler}, {steps} steps"
-    else:
-        from pudm.filtering import sample_with_rejection
-
-        images, rejection = sample_with_rejection(draw, rejector, args.num, args.seed)
-        how = f"{sampler}, {steps} steps; the rejector dropped {rejection['rejected_share']:.1%} of draws"
-    _write_samples(images, args.out, how)
-    return 0
-
-
-def _class_labels(args: argparse.Namespace, unet, num: int):
-    """``--class K`` for a class-conditional UNet: every sample of class K (default: U's label)."""
-    import torch
-
-    from pudm.training import UNLABELED_LABEL
-
-    classes = unet.config.num_class_embeds
-    if args.class_label is None:
-        return torch.full((num,), UNLABELED_LABEL, dtype=torch.long) if classes else None
-    if not classes:
-        raise UsageError(f"{args.run} is not class-conditional: drop --class")
-    if not 0 <= args.class_label < classes:
-        raise UsageError(f"--class must be in 0..{classes - 1}, got {args.class_label}")
-    return torch.full((num,), args.class_label, dtype=torch.long)
-
-
-def _sample_sd(args: argparse.Namespace) -> int:
-    import torch
-
-    from pudm.sd import generate_sd, load_run_config, load_run_pipeline
-
-    config = load_run_config(args.run)
-    prompt = args.prompt or (
-        config.sample.prompts[0] if config.sample.prompts else config.data.unlabeled_prompt
-    )
-    if not prompt:
-        raise UsageError("--prompt TEXT is required: this run has no default prompt")
-    sampler = args.sampler or config.sample.sampler
-    steps = args.steps or (
-        config.sample.steps if sampler == config.sample.sampler else default_steps(sampler)
-    )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = load_run_pipeline(args.run, device=device)
-    guidance = config.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    images = generate_sd(
-        pipeline,
-        prompt,
-        num=args.num,
-        sampler=sampler,
-        steps=steps,
-        guidance_scale=guidance,
-        seed=args.seed,
-        resolution=config.data.resolution,
-    )
-    _write_samples(images, args.out, f"{prompt!r}, {sampler}, {steps} steps, guidance {guidance}", scale=1)
+    _write_samples(images, args.out, how, scale=1 if is_sd_run(args.run) else 4)
     return 0
 
 
@@ -593,70 +462,19 @@ def _sd_resume_config(args: argparse.Namespace):
 
 
 def command_sd(args: argparse.Namespace) -> int:
-    from pudm.sd import SDTrainer, data_fingerprints, load_parts, load_text_images, resolve_steps
+    from pudm import api
     from pudm.training import process_state
 
-    _prepare_out(args)
+    runs.RunFolder(args.out).check(args.resume, args.overwrite)
     config = _sd_resume_config(args) if args.resume else _sd_config(args)
-    data = load_text_images(config.data, need_sensitive=config.train.method != "unsupervised")
-    found = data_fingerprints(data)
-    if args.resume:
-        if found != config.data.fingerprints:
-            raise UsageError(
-                f"--resume: the images in --unlabeled/--sensitive changed since {args.out} started: "
-                "put them back, or start a new run with --overwrite"
-            )
-        if runs.is_complete(args.out):
-            print(f"{args.out} is complete ({config.train.steps} steps); nothing to resume")
-            return 0
-    state = process_state()
-    if not args.resume:
-        config.data.fingerprints = found
-        config.data.num_unlabeled = len(data.unlabeled.files)
-        config.data.num_sensitive = len(data.sensitive.files) if data.sensitive else 0
-        resolve_steps(config, data, state.num_processes)
-        config.validate()
-    # Load the pipeline before anything is written: a bad --pretrained leaves no half-made run.
-    parts = load_parts(config.model.pretrained)
-    if state.is_main_process:
-        _check_writable(args)
-        if args.overwrite:
-            for child in args.out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        skipped = data.skipped()
-        if skipped:
-            print(
-                f"pudm sd: skipped {len(skipped)} unreadable image file(s), e.g. {skipped[0][0]} "
-                f"({skipped[0][1]}); --strict makes this an error",
-                file=sys.stderr,
-            )
-        mode = f"LoRA rank {config.model.lora_rank}" if config.lora else "full UNet"
-        print(
-            f"pudm sd: {config.model.pretrained}, {mode}, method {config.train.method}, beta "
-            f"{config.train.beta}, U {config.data.num_unlabeled}, S {config.data.num_sensitive}, "
-            f"{len(data.captions)} caption(s), {config.data.resolution} px, {config.train.steps} steps"
-            + (f", {state.num_processes} processes" if state.num_processes > 1 else "")
-            + f" -> {args.out}",
-            file=sys.stderr,
-        )
-    state.wait_for_everyone()
-    SDTrainer(config, data, args.out, show_progress=not args.quiet, parts=parts).train(resume=args.resume)
-    if state.is_main_process:
+    was_complete = args.resume and runs.is_complete(args.out)
+    api.train_sd(config, args.out, resume=args.resume, overwrite=args.overwrite, show_progress=not args.quiet)
+    if was_complete:
+        print(f"{args.out} is complete ({config.train.steps} steps); nothing to resume")
+    elif process_state().is_main_process:
         saved = "lora/pytorch_lora_weights.safetensors" if config.lora else "pipeline/"
         print(f"done: {args.out / saved}" + (", samples in samples.png" if config.sample.grid_size else ""))
     return 0
-
-
-def _check_writable(args: argparse.Namespace) -> None:
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        probe = args.out / f".write-test-{id(args)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        raise UsageError(
-            f"--out {args.out} is not writable ({error.strerror}): choose another folder"
-        ) from None
 
 
 def _csv(kind: type, flag: str):
@@ -671,97 +489,50 @@ def _csv(kind: type, flag: str):
 
 
 def command_estimate_prior(args: argparse.Namespace) -> int:
-    from pudm.prior import describe, estimate_for_config
-    from pudm.training import split_from_config
+    from pudm import api
+    from pudm.prior import describe
 
     if args.epochs <= 0:
         raise UsageError(f"--epochs must be > 0, got {args.epochs}")
     config = resolve_config(args)  # the data options it has; everything else stays the preset's
-    config.train.filter_epochs = args.epochs
-    config.validate()
-    split = split_from_config(config)
-    estimate = estimate_for_config(config, split, cross_check=not args.no_cross_check)
-    for warning in estimate.warnings:
-        print(f"pudm estimate-prior: warning: {warning}", file=sys.stderr)
+    estimate = api.estimate_beta(config, epochs=args.epochs, cross_check=not args.no_cross_check)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "beta": estimate.beta,
-                    "low": estimate.low,
-                    "high": estimate.high,
-                    "method": estimate.method,
-                    "cross_check": estimate.cross_check,
-                    "warnings": estimate.warnings,
-                }
-            )
-        )
+        keys = ("beta", "low", "high", "method", "cross_check", "warnings")
+        print(json.dumps({key: getattr(estimate, key) for key in keys}))
     else:
         print(f"{describe(estimate)}; U {estimate.num_unlabeled}, S {estimate.num_sensitive}")
-    true_beta = split.summary()["true_beta"]
-    if true_beta is not None and not args.json:
-        print(f"(the hidden truth of this labeled split: {true_beta:.3f})")
+        from pudm.training import split_from_config
+
+        true_beta = split_from_config(config).summary()["true_beta"]
+        if true_beta is not None:
+            print(f"(the hidden truth of this labeled split: {true_beta:.3f})")
     return 0
 
 
-def _folder_classifier(args: argparse.Namespace, fit_config):
-    """Normal (class 0) vs sensitive (class 1) from two image folders."""
-    import torch
-
-    from pudm.classifier import train_classifier
-    from pudm.imagefolder import load_folder
-
-    if args.normal is None or args.sensitive is None:
-        raise UsageError("a folder classifier needs both --normal DIR and --sensitive DIR")
-    size = args.image_size or 64
-    normal = load_folder(args.normal, size, args.channels, args.strict, "--normal")
-    sensitive = load_folder(args.sensitive, size, args.channels, args.strict, "--sensitive")
-    for folder in (normal, sensitive):
-        if len(folder.files) < 5:
-            raise UsageError(
-                f"{folder.root} holds {len(folder.files)} readable images: a classifier needs >= 5"
-            )
-    images = torch.cat([normal.as_float(), sensitive.as_float()])
-    labels = torch.cat([torch.zeros(len(normal.files)), torch.ones(len(sensitive.files))]).long()
-    return train_classifier(
-        images,
-        labels,
-        arch=args.arch,
-        source="folders",
-        normal_classes=(0,),
-        preset="folders",
-        fit_config=fit_config,
-        weights=args.weights,
-    )
-
-
 def command_classifier_train(args: argparse.Namespace) -> int:
-    from pudm.classifier import ARCHITECTURES, FitConfig, train_for_config
+    from pudm import api
 
-    if args.arch not in ARCHITECTURES:
-        raise UsageError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    if args.epochs <= 0:
-        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file: choose a folder path")
-    if args.out.is_dir() and any(args.out.iterdir()):
-        if not (args.out / "config.json").is_file():
-            raise UsageError(f"--out {args.out} exists and is not a classifier folder: choose a new folder")
-        if not args.overwrite:
-            raise UsageError(f"--out {args.out} already holds a classifier: pass --overwrite to replace it")
-    fit_config = FitConfig(epochs=args.epochs, seed=args.seed)
-    if args.normal is not None or args.sensitive is not None:
-        classifier = _folder_classifier(args, fit_config)
-    else:
+    api.check_classifier_arguments(args.out, args.arch, args.epochs, args.overwrite)
+    config = None
+    if args.normal is None and args.sensitive is None:
         config = preset(args.preset)
-        if args.image_size is not None:
-            config.data.image_size = args.image_size
         if args.data_dir is not None:
             config.data.data_dir = str(args.data_dir.resolve())
         config.data.download = args.download
-        config.validate()
-        classifier = train_for_config(config, arch=args.arch, fit_config=fit_config, weights=args.weights)
-    classifier.save(args.out)
+    classifier = api.train_classifier(
+        args.out,
+        config,
+        normal=args.normal,
+        sensitive=args.sensitive,
+        arch=args.arch,
+        epochs=args.epochs,
+        seed=args.seed,
+        image_size=args.image_size,
+        channels=args.channels,
+        strict=args.strict,
+        weights=args.weights,
+        overwrite=args.overwrite,
+    )
     info = classifier.info
     recall = (
         f", sensitive recall {info.heldout_sensitive_recall:.3f}"
@@ -788,31 +559,36 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
+    from pudm import api
     from pudm.classifier import Classifier
-    from pudm.evaluation import FID_CLASSIFIER, FID_PIXELS, evaluate_run
+    from pudm.evaluation import FID_CLASSIFIER, FID_PIXELS
 
     _check_sampling_flags(args)
     if not args.run.is_dir():
         raise UsageError(f"{args.run} does not exist: give a run folder")
     classifier = Classifier.load(args.classifier)
-    from pudm.sd import is_sd_run
-
-    if is_sd_run(args.run):
-        return _evaluate_sd(args, classifier)
-    if args.prompt is not None or args.reference is not None:
-        raise UsageError(f"--prompt and --reference are for pudm sd runs; {args.run} is not one: drop them")
-    result = evaluate_run(
+    result = api.evaluate(
         args.run,
         classifier,
-        num=args.num,
+        args.num,
         sampler=args.sampler,
         steps=args.sample_steps,
         seed=args.seed,
-        with_inception=args.inception,
+        inception=args.inception,
         inception_weights=args.inception_weights,
+        prompt=args.prompt,
+        reference=args.reference,
         show_progress=not args.quiet,
     )
     low, high = result["non_sensitive_rate_95ci"]
+    if "prompt" in result:  # a pudm sd run
+        fid = f", classifier FID {result['fid_classifier']:.2f}" if "fid_classifier" in result else ""
+        print(
+            f"{args.run}: {result['prompt']!r}: non-sensitive rate {result['non_sensitive_rate']:.3f} "
+            f"(95% CI {low:.3f}-{high:.3f}){fid}; {result['num_samples']} samples ({result['sampler']}, "
+            f"{result['sampling_steps']} steps); details in {args.run / 'eval.json'}"
+        )
+        return 0
     print(
         f"{args.run}: non-sensitive rate {result['non_sensitive_rate']:.3f} (95% CI {low:.3f}-{high:.3f}), "
         + (
@@ -824,6 +600,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
         + (f", Inception FID {result['fid_inception']:.2f}" if "fid_inception" in result else "")
         + f"; {result['num_samples']} samples ({result['sampler']}, {result['sampling_steps']} steps)"
     )
+    if "rejection" in result:
+        print(f"the rejector dropped {result['rejection']['rejected_share']:.1%} of the samples drawn")
     recall = classifier.info.heldout_sensitive_recall
     if recall is not None:
         print(
@@ -834,47 +612,22 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_sd(args: argparse.Namespace, classifier) -> int:
-    from pudm.evaluation import evaluate_sd_run
-
-    if args.inception:
-        raise UsageError("--inception is not available for pudm sd runs yet: drop it (see --reference)")
-    result = evaluate_sd_run(
-        args.run,
-        classifier,
-        prompt=args.prompt,
-        num=args.num,
-        sampler=args.sampler,
-        steps=args.sample_steps,
-        seed=args.seed,
-        reference=args.reference,
-    )
-    low, high = result["non_sensitive_rate_95ci"]
-    fid = f", classifier FID {result['fid_classifier']:.2f}" if "fid_classifier" in result else ""
-    print(
-        f"{args.run}: {result['prompt']!r}: non-sensitive rate {result['non_sensitive_rate']:.3f} "
-        f"(95% CI {low:.3f}-{high:.3f}){fid}; {result['num_samples']} samples ({result['sampler']}, "
-        f"{result['sampling_steps']} steps); details in {args.run / 'eval.json'}"
-    )
-    return 0
-
-
 def command_benchmark(args: argparse.Namespace) -> int:
-    from pudm.benchmark import FULL, QUICK, TABLE, run_benchmark
+    from pudm.benchmark import FULL, QUICK, TABLE
 
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     _check_sampling_flags(args)
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError(f"--steps must be > 0, got {args.steps}")
-    preset(args.preset)  # an unknown preset is an error before anything runs
-    run_benchmark(
+    from pudm import api
+
+    api.benchmark(
         args.preset,
         args.methods,
         args.seeds,
         args.out,
+        log=lambda line: print(line, file=sys.stderr),
         betas=args.betas,
         steps=args.steps,
         num=args.num,
@@ -1162,9 +915,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CommandLog(logging.Handler):
+    """The library's ``pudm`` log as the command's own stderr lines: ``pudm COMMAND: message``."""
+
+    def __init__(self, command: str):
+        super().__init__(logging.INFO)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"pudm {self.command}: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logger = logging.getLogger("pudm")
+    handler, level, propagate = _CommandLog(args.command), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        return _run_command(args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except UsageError as error:

@@ -169,9 +169,10 @@ def objective(
             ``beta=0`` reduces them to ``unsupervised``.
         correction: ``"abs"`` (absPU, the paper's choice) or ``"nn"`` (nnPU) for the PU bracket.
         reduce: under data-parallel training, a :class:`CrossProcessSum`. The counts and sums of
-            every process are added up (one all-reduce of a few numbers) before the means, the
-            bracket and its sign are formed, so every process reports the objective of the global
-            batch, and the backpropagated loss is scaled so that, once the data-parallel wrapper
+            every process are added up (one all-reduce of seven numbers, thirteen for pu-bounded
+            and weighted) before the means, the bracket and its sign are formed, so every process
+            reports the objective of the global batch, and the backpropagated loss is scaled so
+            that, once the data-parallel wrapper
             *averages* the gradients, N processes with batch B give exactly the gradient of one
             process with batch N*B. ``None``: this batch is the whole batch.
         weights: ``weighted`` only, shape ``(batch,)``: each U item's weight w(x) in [0, 1], the
@@ -237,41 +238,38 @@ def objective(
     def total(mask: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
         return torch.where(mask, values, zeros).sum() if values is not None else mask.sum().to(loss.dtype)
 
-    sums = _global_sums(
-        torch.stack(
-            [
-                total(unlabeled, loss),
-                total(sensitive, loss),
-                total(pu_sensitive, scores),
-                total(unlabeled),
-                total(sensitive),
-                loss.new_tensor(float(loss.numel())),
-                total(live),
-                total(pu_unlabeled, loss),
-                total(pu_unlabeled),
-                total(pu_sensitive, loss),
-                total(pu_sensitive),
-                total(unlabeled, weight * loss),
-                total(unlabeled, weight),
-            ]
-        ),
-        reduce,
+    # The paper's methods all-reduce seven numbers; pu-bounded and weighted six more.
+    values = [
+        total(unlabeled, loss),
+        total(sensitive, loss),
+        total(pu_sensitive, scores),
+        total(unlabeled),
+        total(sensitive),
+        loss.new_tensor(float(loss.numel())),
+        total(live),
+    ]
+    if method in ("pu-bounded", "weighted"):
+        values += [
+            total(pu_unlabeled, loss),
+            total(pu_unlabeled),
+            total(pu_sensitive, loss),
+            total(pu_sensitive),
+            total(unlabeled, weight * loss),
+            total(unlabeled, weight),
+        ]
+    sums = _global_sums(torch.stack(values), reduce).unbind()
+    (sum_unlabeled, sum_sensitive, sum_scores, count_unlabeled, count_sensitive, count_all, count_live) = (
+        sums[:7]
     )
-    (
-        sum_unlabeled,
-        sum_sensitive,
-        sum_scores,
-        count_unlabeled,
-        count_sensitive,
-        count_all,
-        count_live,
-        sum_pu_unlabeled,
-        count_pu_unlabeled,
-        sum_pu_sensitive,
-        count_pu_sensitive,
-        sum_weighted,
-        sum_weights,
-    ) = sums.unbind()
+    if len(sums) > 7:
+        (
+            sum_pu_unlabeled,
+            count_pu_unlabeled,
+            sum_pu_sensitive,
+            count_pu_sensitive,
+            sum_weighted,
+            sum_weights,
+        ) = sums[7:]
     # Counts clamped to >= 1 so that a batch without items of one kind gives 0, not NaN.
     mean_unlabeled = sum_unlabeled / count_unlabeled.detach().clamp_min(1)
     mean_sensitive = sum_sensitive / count_sensitive.detach().clamp_min(1)

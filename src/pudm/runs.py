@@ -244,3 +244,56 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         except json.JSONDecodeError:
             continue  # a line cut by a kill
     atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+class RunFolder:
+    """One run folder as train, sd and benchmark use it: checked before anything is written,
+    made writable, cleared for ``overwrite``, and asked whether it holds a (complete) run.
+
+    The messages name the command-line flags (``--out``, ``--resume``, ``--overwrite``); the
+    Python API's keywords have the same names.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def holds_run(self) -> bool:
+        return holds_run(self.path)
+
+    @property
+    def complete(self) -> bool:
+        return is_complete(self.path)
+
+    def check(self, resume: bool = False, overwrite: bool = False) -> None:
+        """Raise :class:`UsageError` unless the folder can take this run (nothing is written)."""
+        out = self.path
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite exclude each other: choose one")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file: choose a folder path")
+        if out.is_dir() and any(out.iterdir()) and not resume:
+            if not self.holds_run:
+                raise UsageError(f"--out {out} exists and is not a pudm run: choose an empty or new folder")
+            if not overwrite:
+                raise UsageError(
+                    f"--out {out} already holds a run: pass --resume to continue it "
+                    "or --overwrite to replace it"
+                )
+
+    def make_writable(self) -> None:
+        """Create the folder and prove it takes a file, or raise a one-line :class:`UsageError`."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise UsageError(
+                f"--out {self.path} is not writable ({error.strerror}): choose another folder"
+            ) from None
+
+    def clear(self) -> None:
+        """``overwrite``: remove everything in the folder (the folder itself stays)."""
+        for child in self.path.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()

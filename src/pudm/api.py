@@ -1,0 +1,642 @@
+"""The Python API: everything the command line does, callable from a notebook or another script.
+
+    import pudm
+    config = pudm.preset("digits_even")
+    config.train.method, config.train.steps = "pu", 3000
+    run = pudm.train(config, "runs/pu")
+    images = pudm.sample(run, num=64, seed=0)         # uint8 (N, H, W, C)
+    report = pudm.evaluate(run, classifier="runs/clf", num=1000)
+    estimate = pudm.estimate_beta(config)
+
+The ``pudm`` command parses its flags into the same configs and calls these functions. They raise
+:class:`pudm.UsageError` (or a subclass) for what the user must fix, never read ``sys.argv``, and
+report through the ``pudm`` logger (silent unless the caller configures logging) and progress bars
+that ``show_progress=False`` turns off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pudm import runs
+from pudm.config import BETA_METHODS, RunConfig, default_steps
+from pudm.config import preset as _config_preset
+from pudm.errors import UsageError
+
+log = logging.getLogger("pudm")
+log.addHandler(logging.NullHandler())  # silent unless the application configures logging
+
+PathLike = str | Path
+
+
+class Run:
+    """A run folder (``pudm train`` or ``pudm sd``): its config, metrics, pipeline and state."""
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else ("started" if self.exists else "empty")
+        return f"Run({str(self.path)!r}, {state})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def exists(self) -> bool:
+        return runs.holds_run(self.path)
+
+    @property
+    def complete(self) -> bool:
+        return runs.is_complete(self.path)
+
+    @property
+    def is_sd(self) -> bool:
+        from pudm.sd import is_sd_run
+
+        return is_sd_run(self.path)
+
+    @property
+    def config(self):
+        """The run's :class:`RunConfig` (an ``SDRunConfig`` for a ``pudm sd`` run)."""
+        if not self.exists:
+            raise runs.RunError(f"{self.path} is not a pudm run folder (no config.json): give a run folder")
+        if self.is_sd:
+            from pudm.sd import load_run_config
+
+            return load_run_config(self.path)
+        return RunConfig.from_dict(runs.read_json(self.path / runs.CONFIG))
+
+    @property
+    def metrics(self) -> list[dict]:
+        """Every line of ``metrics.jsonl`` (one per log tick)."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    @property
+    def eval(self) -> dict | None:
+        """The latest ``eval.json``, if the run was evaluated."""
+        from pudm.evaluation import EVAL
+
+        path = self.path / EVAL
+        return runs.read_json(path) if path.is_file() else None
+
+    @property
+    def pipeline_dir(self) -> Path:
+        return self.path / "pipeline"
+
+    def pipeline(self, device: str | None = None):
+        """The trained model as a diffusers pipeline (LoRA adapters loaded for a LoRA sd run)."""
+        if self.is_sd:
+            from pudm.sd import load_run_pipeline
+
+            return load_run_pipeline(self.path, device=device or _device())
+        from pudm.models import load_pipeline
+
+        return load_pipeline(pipeline_folder(self.path), device=device or _device())
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def preset(
+    name: str | None = None,
+    *,
+    unlabeled: PathLike | None = None,
+    sensitive: PathLike | None = None,
+    test: PathLike | None = None,
+) -> RunConfig:
+    """A fresh copy of a named preset (default ``digits_even``; ``folders`` when folders are given).
+
+    Image folders: ``pudm.preset("folders", unlabeled="U/", sensitive="S/", test="T/")``; their
+    paths are stored absolute, so the run can be resumed from anywhere.
+    """
+    folders = {"unlabeled_dir": unlabeled, "sensitive_dir": sensitive, "test_dir": test}
+    given = {field: value for field, value in folders.items() if value is not None}
+    config = _config_preset(name or ("folders" if given else "digits_even"))
+    if given and config.data.source != "folders":
+        flag = next(iter(given)).removesuffix("_dir")
+        raise UsageError(
+            f"--{flag} gives image folders, and preset {config.preset} brings its own data: "
+            "drop --preset (or use --preset folders)"
+        )
+    for field, value in given.items():
+        setattr(config.data, field, str(Path(value).resolve()))
+    return config
+
+
+def _stored_config(out: Path) -> RunConfig:
+    if not runs.holds_run(out):
+        raise UsageError(f"--resume: {out} holds no run (no config.json): run without --resume")
+    return RunConfig.from_dict(runs.read_json(out / runs.CONFIG))
+
+
+def train(
+    config: RunConfig | None,
+    out: PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    auto_beta: bool = False,
+    show_progress: bool = True,
+) -> Run:
+    """Train ``config`` into the run folder ``out`` and return the :class:`Run`.
+
+    Args:
+        config: what to train (:func:`preset`, then change fields). With ``resume=True`` it may be
+            None (the run's own config); a config that differs from the stored one is an error.
+        resume: continue the run in ``out`` from its last checkpoint (a complete run is returned
+            as it is).
+        overwrite: replace the run in ``out``.
+        auto_beta: estimate beta from U and S first (:func:`estimate_beta`) and train with it; the
+            whole estimate is kept in the run's config.
+        show_progress: the training progress bar.
+
+    Under ``accelerate launch`` every process calls this; the main process alone writes.
+    """
+    from pudm.training import Trainer, check_method_fits_data, process_state, split_from_config
+
+    out = Path(out)
+    folder = runs.RunFolder(out)
+    folder.check(resume, overwrite)
+    if resume:
+        stored = _stored_config(out)
+        if config is not None and RunConfig.normalize(config.to_dict()) != stored.to_dict():
+            raise runs.RunError(
+                f"--resume: {out} was trained with other settings than the config given: resume with "
+                "config=None (the run's own), or start a new run with overwrite=True"
+            )
+        config = stored
+    if config is None:
+        raise UsageError("train needs a config (pudm.preset(...)) unless it resumes a run")
+    config.validate()
+    split = split_from_config(config, report=log.warning)
+    check_method_fits_data(config.train.method, split)
+    if auto_beta and not resume:
+        if config.train.method not in BETA_METHODS:
+            raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
+        from pudm.prior import apply_estimate, describe, estimate_for_config
+
+        estimate = estimate_for_config(config, split)
+        apply_estimate(config, estimate)
+        log.info("--beta auto: %s", describe(estimate))
+        for warning in estimate.warnings:
+            log.warning("warning: %s", warning)
+    if resume and folder.complete:
+        return Run(out)
+    # Under `accelerate launch` every process runs this: all of them validate, then the main
+    # process alone touches the folder while the others wait.
+    state = process_state()
+    if state.is_main_process:
+        folder.make_writable()
+        if overwrite:
+            folder.clear()
+        summary = split.summary()
+        processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
+        hidden = (
+            f" (hidden sensitive {summary['unlabeled_sensitive']})"
+            if summary["unlabeled_sensitive"] is not None
+            else ""
+        )
+        log.info(
+            "%s, method %s, beta %s, U %s%s, S %s, %s steps%s -> %s",
+            config.preset,
+            config.train.method,
+            config.train.beta,
+            summary["unlabeled"],
+            hidden,
+            summary["sensitive"],
+            config.train.steps,
+            processes,
+            out,
+        )
+    state.wait_for_everyone()
+    Trainer(config, split, out, show_progress=show_progress).train(resume=resume)
+    return Run(out)
+
+
+def train_sd(
+    config,
+    out: PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Run:
+    """Fine-tune a Stable Diffusion pipeline (``pudm.sd.SDRunConfig``) into ``out``.
+
+    With ``resume=True``, ``config`` may be None (the run's own); the images in the folders must
+    be the ones the run started with.
+    """
+    from pudm.sd import (
+        SDTrainer,
+        data_fingerprints,
+        is_sd_run,
+        load_parts,
+        load_run_config,
+        load_text_images,
+        resolve_steps,
+    )
+    from pudm.training import process_state
+
+    out = Path(out)
+    folder = runs.RunFolder(out)
+    folder.check(resume, overwrite)
+    if resume:
+        if not is_sd_run(out):
+            raise UsageError(f"--resume: {out} holds no pudm sd run (no config.json of one): drop --resume")
+        stored = load_run_config(out)
+        if config is not None and config.to_dict() != stored.to_dict():
+            raise runs.RunError(
+                f"--resume: {out} was trained with other settings than the config given: resume with "
+                "config=None (the run's own), or start a new run with overwrite=True"
+            )
+        config = stored
+    config.validate()
+    data = load_text_images(config.data, need_sensitive=config.train.method != "unsupervised")
+    found = data_fingerprints(data)
+    if resume:
+        if found != config.data.fingerprints:
+            raise UsageError(
+                f"--resume: the images in --unlabeled/--sensitive changed since {out} started: "
+                "put them back, or start a new run with --overwrite"
+            )
+        if folder.complete:
+            return Run(out)
+    state = process_state()
+    if not resume:
+        config.data.fingerprints = found
+        config.data.num_unlabeled = len(data.unlabeled.files)
+        config.data.num_sensitive = len(data.sensitive.files) if data.sensitive else 0
+        resolve_steps(config, data, state.num_processes)
+        config.validate()
+    # Load the pipeline before anything is written: a bad pretrained model leaves no half-made run.
+    parts = load_parts(config.model.pretrained)
+    if state.is_main_process:
+        folder.make_writable()
+        if overwrite:
+            folder.clear()
+        skipped = data.skipped()
+        if skipped:
+            log.warning(
+                "skipped %d unreadable image file(s), e.g. %s (%s); --strict makes this an error",
+                len(skipped),
+                skipped[0][0],
+                skipped[0][1],
+            )
+        mode = f"LoRA rank {config.model.lora_rank}" if config.lora else "full UNet"
+        log.info(
+            "%s, %s, method %s, beta %s, U %d, S %d, %d caption(s), %d px, %d steps%s -> %s",
+            config.model.pretrained,
+            mode,
+            config.train.method,
+            config.train.beta,
+            config.data.num_unlabeled,
+            config.data.num_sensitive,
+            len(data.captions),
+            config.data.resolution,
+            config.train.steps,
+            f", {state.num_processes} processes" if state.num_processes > 1 else "",
+            out,
+        )
+    state.wait_for_everyone()
+    SDTrainer(config, data, out, show_progress=show_progress, parts=parts).train(resume=resume)
+    return Run(out)
+
+
+def pipeline_folder(path: PathLike) -> Path:
+    """The diffusers pipeline folder of a run folder, or ``path`` itself if it is one."""
+    path = Path(path)
+    if (path / "model_index.json").is_file():
+        return path
+    if (path / "pipeline" / "model_index.json").is_file():
+        return path / "pipeline"
+    if runs.holds_run(path):
+        raise UsageError(
+            f"{path} has no pipeline/ yet (the run did not finish): finish it with "
+            f"pudm train --resume --out {path}"
+        )
+    raise UsageError(f"{path} is neither a pudm run folder nor a diffusers pipeline folder: check the path")
+
+
+def sample(
+    run: Run | PathLike,
+    num: int = 64,
+    seed: int = 0,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    class_label: int | None = None,
+    prompt: str | None = None,
+    guidance_scale: float | None = None,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """``num`` samples of a run (or a diffusers pipeline folder) as uint8 (N, H, W, C).
+
+    The sampler and its steps default to the run's. A class-conditional model draws U's label
+    unless ``class_label`` says otherwise; a ``pudm sd`` run takes ``prompt`` and
+    ``guidance_scale``; a ``reject`` run's samples pass its rejector (its pipeline folder alone,
+    given directly, does not reject).
+    """
+    return sample_described(
+        run,
+        num,
+        seed,
+        sampler=sampler,
+        steps=steps,
+        class_label=class_label,
+        prompt=prompt,
+        guidance_scale=guidance_scale,
+        show_progress=show_progress,
+    )[0]
+
+
+def sample_described(
+    run: Run | PathLike,
+    num: int = 64,
+    seed: int = 0,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    class_label: int | None = None,
+    prompt: str | None = None,
+    guidance_scale: float | None = None,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, str]:
+    """:func:`sample`, and one line that says how the samples were made."""
+    path = Path(run)
+    if num <= 0:
+        raise UsageError(f"--num must be > 0, got {num}")
+    if steps is not None and steps <= 0:
+        raise UsageError(f"--steps must be > 0, got {steps}")
+    from pudm.sd import is_sd_run
+
+    if is_sd_run(path):
+        return _sample_sd(path, num, seed, sampler, steps, prompt, guidance_scale)
+    if prompt is not None or guidance_scale is not None:
+        raise UsageError(f"--prompt and --guidance-scale are for pudm sd runs; {path} is not one: drop them")
+    import torch
+
+    from pudm.models import load_pipeline
+    from pudm.sampling import generate
+    from pudm.training import UNLABELED_LABEL, load_rejector
+
+    pipeline_dir = pipeline_folder(path)
+    defaults = RunConfig().sample
+    if pipeline_dir != path and runs.holds_run(path):
+        defaults = RunConfig.from_dict(runs.read_json(path / runs.CONFIG)).sample
+    sampler = sampler or defaults.sampler
+    steps = steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))
+    pipeline = load_pipeline(pipeline_dir)
+    classes = pipeline.unet.config.num_class_embeds
+    if class_label is not None:
+        if not classes:
+            raise UsageError(f"{path} is not class-conditional: drop --class")
+        if not 0 <= class_label < classes:
+            raise UsageError(f"--class must be in 0..{classes - 1}, got {class_label}")
+    label = class_label if class_label is not None else (UNLABELED_LABEL if classes else None)
+
+    def draw(count: int, draw_seed: int) -> np.ndarray:
+        return generate(
+            pipeline.unet,
+            pipeline.scheduler.config,
+            num=count,
+            sampler=sampler,
+            steps=steps,
+            seed=draw_seed,
+            class_labels=None if label is None else torch.full((count,), label, dtype=torch.long),
+            show_progress=show_progress,
+        )
+
+    # A reject run's samples pass its rejector here; its pipeline folder alone samples without it.
+    rejector = load_rejector(path) if pipeline_dir != path else None
+    if rejector is None:
+        return draw(num, seed), f"{sampler}, {steps} steps"
+    from pudm.filtering import sample_with_rejection
+
+    images, rejection = sample_with_rejection(draw, rejector, num, seed)
+    return (
+        images,
+        f"{sampler}, {steps} steps; the rejector dropped {rejection['rejected_share']:.1%} of draws",
+    )
+
+
+def _sample_sd(path, num, seed, sampler, steps, prompt, guidance_scale) -> tuple[np.ndarray, str]:
+    from pudm.sd import generate_sd, load_run_config, load_run_pipeline
+
+    config = load_run_config(path)
+    prompt = prompt or (config.sample.prompts[0] if config.sample.prompts else config.data.unlabeled_prompt)
+    if not prompt:
+        raise UsageError("--prompt TEXT is required: this run has no default prompt")
+    sampler = sampler or config.sample.sampler
+    steps = steps or (config.sample.steps if sampler == config.sample.sampler else default_steps(sampler))
+    pipeline = load_run_pipeline(path, device=_device())
+    guidance = config.sample.guidance_scale if guidance_scale is None else guidance_scale
+    images = generate_sd(
+        pipeline,
+        prompt,
+        num=num,
+        sampler=sampler,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        resolution=config.data.resolution,
+    )
+    return images, f"{prompt!r}, {sampler}, {steps} steps, guidance {guidance}"
+
+
+def evaluate(
+    run: Run | PathLike,
+    classifier,
+    num: int = 1000,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    inception: bool = False,
+    inception_weights: PathLike | None = None,
+    prompt: str | None = None,
+    reference: PathLike | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Judge ``num`` samples of a run with an evaluation classifier (a folder from
+    :func:`train_classifier` or a loaded ``pudm.classifier.Classifier``); writes and returns what
+    ``RUN/eval.json`` holds."""
+    from pudm.classifier import Classifier
+    from pudm.evaluation import evaluate_run, evaluate_sd_run
+    from pudm.sd import is_sd_run
+
+    path = Path(run)
+    if num <= 0:
+        raise UsageError(f"--num must be > 0, got {num}")
+    if steps is not None and steps <= 0:
+        raise UsageError(f"--sample-steps must be > 0, got {steps}")
+    if not path.is_dir():
+        raise UsageError(f"{path} does not exist: give a run folder")
+    if not isinstance(classifier, Classifier):
+        classifier = Classifier.load(Path(classifier))
+    if is_sd_run(path):
+        if inception:
+            raise UsageError("--inception is not available for pudm sd runs yet: drop it (see --reference)")
+        return evaluate_sd_run(
+            path,
+            classifier,
+            prompt=prompt,
+            num=num,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            reference=None if reference is None else Path(reference),
+        )
+    if prompt is not None or reference is not None:
+        raise UsageError(f"--prompt and --reference are for pudm sd runs; {path} is not one: drop them")
+    return evaluate_run(
+        path,
+        classifier,
+        num=num,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        with_inception=inception,
+        inception_weights=None if inception_weights is None else Path(inception_weights),
+        show_progress=show_progress,
+    )
+
+
+def estimate_beta(config: RunConfig, *, epochs: int | None = None, cross_check: bool = True):
+    """beta, the share of sensitive items in U, estimated from U and S (``pudm estimate-prior``):
+    a ``pudm.prior.PriorEstimate`` with its 95% interval, method, cross-check and warnings
+    (``.to_dict()`` is what ``--json`` prints)."""
+    from pudm.prior import estimate_for_config
+    from pudm.training import split_from_config
+
+    if epochs is not None:
+        if epochs <= 0:
+            raise UsageError(f"--epochs must be > 0, got {epochs}")
+        config.train.filter_epochs = epochs
+    config.validate()
+    split = split_from_config(config)
+    estimate = estimate_for_config(config, split, cross_check=cross_check)
+    for warning in estimate.warnings:
+        log.warning("warning: %s", warning)
+    return estimate
+
+
+def train_classifier(
+    out: PathLike,
+    config: RunConfig | None = None,
+    *,
+    normal: PathLike | None = None,
+    sensitive: PathLike | None = None,
+    arch: str = "cnn",
+    epochs: int = 30,
+    seed: int = 0,
+    image_size: int | None = None,
+    channels: int = 3,
+    strict: bool = False,
+    weights: PathLike | None = None,
+    overwrite: bool = False,
+):
+    """Train and save an evaluation classifier: of a preset's real labels (``config``), or normal
+    vs sensitive from two image folders (``normal``, ``sensitive``). Returns the
+    ``pudm.classifier.Classifier``; its ``info`` has the held-out accuracy and recalls."""
+    from pudm.classifier import FitConfig, train_for_config
+
+    out = Path(out)
+    check_classifier_arguments(out, arch, epochs, overwrite)
+    fit_config = FitConfig(epochs=epochs, seed=seed)
+    weights = None if weights is None else Path(weights)
+    if normal is not None or sensitive is not None:
+        classifier = _folder_classifier(
+            normal, sensitive, image_size, channels, strict, arch, fit_config, weights
+        )
+    else:
+        config = config or _config_preset("digits_even")
+        if image_size is not None:
+            config.data.image_size = image_size
+        config.validate()
+        classifier = train_for_config(config, arch=arch, fit_config=fit_config, weights=weights)
+    classifier.save(out)
+    return classifier
+
+
+def check_classifier_arguments(out: Path, arch: str, epochs: int, overwrite: bool) -> None:
+    """What :func:`train_classifier` checks before it reads any data."""
+    from pudm.classifier import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if epochs <= 0:
+        raise UsageError(f"--epochs must be > 0, got {epochs}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: choose a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "config.json").is_file():
+            raise UsageError(f"--out {out} exists and is not a classifier folder: choose a new folder")
+        if not overwrite:
+            raise UsageError(f"--out {out} already holds a classifier: pass --overwrite to replace it")
+
+
+def _folder_classifier(normal, sensitive, image_size, channels, strict, arch, fit_config, weights):
+    """Normal (class 0) vs sensitive (class 1) from two image folders."""
+    import torch
+
+    from pudm.classifier import train_classifier as fit_classifier
+    from pudm.imagefolder import load_folder
+
+    if normal is None or sensitive is None:
+        raise UsageError("a folder classifier needs both --normal DIR and --sensitive DIR")
+    size = image_size or 64
+    normal = load_folder(Path(normal), size, channels, strict, "--normal")
+    sensitive = load_folder(Path(sensitive), size, channels, strict, "--sensitive")
+    for folder in (normal, sensitive):
+        if len(folder.files) < 5:
+            raise UsageError(
+                f"{folder.root} holds {len(folder.files)} readable images: a classifier needs >= 5"
+            )
+    images = torch.cat([normal.as_float(), sensitive.as_float()])
+    labels = torch.cat([torch.zeros(len(normal.files)), torch.ones(len(sensitive.files))]).long()
+    return fit_classifier(
+        images,
+        labels,
+        arch=arch,
+        source="folders",
+        normal_classes=(0,),
+        preset="folders",
+        fit_config=fit_config,
+        weights=weights,
+    )
+
+
+def benchmark(
+    preset_name: str,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out: PathLike,
+    **options,
+) -> dict:
+    """Methods x seeds (x betas): train, sample and evaluate every cell; write results.json,
+    table.md and plots into ``out``; return the results. ``options`` are those of
+    :func:`pudm.benchmark.run_benchmark` (betas, steps, num, classifier_path, sampler,
+    sample_steps, pretrained, learning_rate, data_dir, show_progress, log)."""
+    from pudm.benchmark import run_benchmark
+
+    _config_preset(preset_name)  # an unknown preset is an error before anything runs
+    steps = options.get("steps")
+    if steps is not None and steps <= 0:
+        raise UsageError(f"--steps must be > 0, got {steps}")
+    sample_steps = options.get("sample_steps")
+    if sample_steps is not None and sample_steps <= 0:
+        raise UsageError(f"--sample-steps must be > 0, got {sample_steps}")
+    options.setdefault("log", log.info)
+    return run_benchmark(preset_name, methods, seeds, Path(out), **options)
