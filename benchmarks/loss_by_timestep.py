@@ -17,7 +17,7 @@ import torch
 
 from pudm import runs
 from pudm.config import RunConfig
-from pudm.data import load_source
+from pudm.datasets import load_source
 from pudm.models import load_pipeline
 from pudm.training import per_sample_denoising_loss, split_from_config
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pudm.data import IndexStream, LabeledSource, PUBatches, PUSplit, build_pu_split, load_digits_source
+from pudm.data import IndexStream, LabeledSource, PUBatches, PUSplit, build_pu_split
+from pudm.datasets import load_digits_source
 
 
 def toy_source(count: int = 200) -> LabeledSource:

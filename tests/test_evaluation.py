@@ -62,7 +62,7 @@ def test_classifier_learns_digits_and_round_trips(classifier_dir):
 def test_classifier_reports_its_recall_per_class_and_of_sensitive_items(classifier_dir):
     """The stored recalls are those of the held-out 20%, recomputed here from the same split."""
     from pudm.classifier import predict_proba, stratified_holdout
-    from pudm.data import load_digits_source
+    from pudm.datasets import load_digits_source
 
     classifier = Classifier.load(classifier_dir)
     info = classifier.info

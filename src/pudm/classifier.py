@@ -370,7 +370,7 @@ def train_for_config(
 ) -> Classifier:
     """The evaluation classifier of a run configuration's data: every labeled image of its source
     (at the run's image size and channels), a stratified 20% held out to report accuracy."""
-    from pudm.data import load_source
+    from pudm.datasets import load_source
 
     data = config.data
     if data.source == "folders":

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pudm.data import SOURCES
+from pudm.datasets import SOURCES
 from pudm.errors import UsageError
 from pudm.objectives import CORRECTIONS
 

@@ -1,4 +1,4 @@
-"""Where U and S come from: PU splits of labeled sources, and mixed U/S mini-batches.
+"""PU splits of labeled sources, and mixed U/S mini-batches (the sources are in pudm.datasets).
 
 A PU split draws, from a labeled source and a choice of normal classes, four disjoint parts:
 
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pudm.errors import UsageError
-
-SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "stl10", "celeba", "folders")
 
 
 @dataclass(frozen=True)
@@ -83,41 +80,12 @@ class PUSplit:
         }
 
 
-def load_digits_source(image_size: int = 8, channels: int = 1) -> LabeledSource:
-    """scikit-learn's handwritten digits (1,797 images, 8x8, grey levels 0..16, 10 classes).
-
-    Shipped with scikit-learn, so it works offline. Optionally resized (bilinear) to
-    ``image_size`` and copied to ``channels`` channels, as the paper does for MNIST. The per-sample
-    loss is a sum over pixels, so resizing changes the scale of l.
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
-    images = resize_images(images, image_size)
-    if channels != 1:
-        images = images.expand(-1, channels, -1, -1).contiguous()
-    return LabeledSource(images=images, labels=torch.from_numpy(digits.target).long(), name="digits")
-
-
 def resize_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
     """Bilinear resize of (N, C, H, W) images to square ``image_size`` (no-op when equal)."""
     if images.shape[-1] == image_size and images.shape[-2] == image_size:
         return images
     resized = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return resized.clamp(-1.0, 1.0)
-
-
-def load_source(
-    name: str, image_size: int, channels: int, data_dir: str | None = None, download: bool = True
-) -> LabeledSource:
-    if name == "digits":
-        return load_digits_source(image_size=image_size, channels=channels)
-    from pudm.datasets import PAPER_SOURCES, load_paper_source
-
-    if name in PAPER_SOURCES:
-        return load_paper_source(name, image_size, channels, data_dir, download)
-    raise UsageError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
 
 
 def build_pu_split(

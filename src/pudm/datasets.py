@@ -1,4 +1,4 @@
-"""The paper's data sets, read from the files torchvision downloads.
+"""Every labeled source by name: scikit-learn's digits and the paper's data sets (torchvision's files).
 
 =========  ===================================================================  ==================
 source     files under ``--data-dir`` (torchvision's layout)                    labels
@@ -365,3 +365,35 @@ def _celeba(root: Path, image_size: int, channels: int) -> LabeledSource:
         test_images=images(test),
         test_labels=torch.from_numpy(male[test]),
     )
+
+
+# -- every labeled source by name ------------------------------------------------------------------
+
+SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "stl10", "celeba", "folders")
+
+
+def load_digits_source(image_size: int = 8, channels: int = 1) -> LabeledSource:
+    """scikit-learn's handwritten digits (1,797 images, 8x8, grey levels 0..16, 10 classes).
+
+    Shipped with scikit-learn, so it works offline. Optionally resized (bilinear) to
+    ``image_size`` and copied to ``channels`` channels, as the paper does for MNIST. The per-sample
+    loss is a sum over pixels, so resizing changes the scale of l.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
+    images = resize_images(images, image_size)
+    if channels != 1:
+        images = images.expand(-1, channels, -1, -1).contiguous()
+    return LabeledSource(images=images, labels=torch.from_numpy(digits.target).long(), name="digits")
+
+
+def load_source(
+    name: str, image_size: int, channels: int, data_dir: str | None = None, download: bool = True
+) -> LabeledSource:
+    if name == "digits":
+        return load_digits_source(image_size=image_size, channels=channels)
+    if name in PAPER_SOURCES:
+        return load_paper_source(name, image_size, channels, data_dir, download)
+    raise UsageError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")

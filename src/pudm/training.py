@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from pudm import runs
 from pudm.config import S_OBJECTIVE_METHODS, RunConfig
-from pudm.data import PUBatches, PUSplit, build_pu_split, load_source
+from pudm.data import PUBatches, PUSplit, build_pu_split
+from pudm.datasets import load_source
 from pudm.errors import UsageError
 from pudm.models import build_noise_scheduler, build_unet, load_pretrained, save_pipeline
 from pudm.objectives import CrossProcessSum, objective
