@@ -12,7 +12,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -359,6 +360,34 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
 
 
+# What a step did: updated the weights, was skipped by the fp16 grad scaler (overflow), or was
+# skipped by pudm's non-finite guard.
+_APPLIED, _OVERFLOW, _SKIPPED = "applied", "overflow", "skipped"
+
+
+@dataclass
+class _StepInputs:
+    """What every step of one run draws on (built once per run by :meth:`Trainer._loop`)."""
+
+    fetch: Callable
+    method: str
+    pool_weights: torch.Tensor | None
+    trainable: list
+    batches: PUBatches
+    reduce: CrossProcessSum | None
+
+
+@dataclass
+class _Tick:
+    """What one log tick gathers between two metrics lines."""
+
+    start: float = field(default_factory=time.perf_counter)
+    rows: list = field(default_factory=list)
+    steps: int = 0
+    skipped: int = 0
+    overflow: int = 0
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -556,109 +585,44 @@ class Trainer:
         return TrainResult(self.run_dir, cfg.train.steps, self.last_metrics)
 
     def _loop(self, start_step: int, progress: tqdm, stop: StopRequest) -> None:
+        """The steps, and between them the per-tick bookkeeping: logging, stops, checkpoints."""
         accelerator, train = self.accelerator, self.config.train
-        device = accelerator.device
-        unet, noise_scheduler = self.unet, self.noise_scheduler
         fetch, num_unlabeled, num_sensitive, objective_method = self._batches()
-        pool_weights = getattr(self, "pool_weights", None)
-        trainable = self._trainable_parameters()
-        batches = PUBatches(
-            num_unlabeled,
-            num_sensitive,
-            train.batch_size,
-            seed=train.seed * 1000,
-            sensitive_per_batch=self.config.data.sensitive_per_batch if num_sensitive else None,
+        world_size = accelerator.num_processes
+        step_inputs = _StepInputs(
+            fetch=fetch,
+            method=objective_method,
+            pool_weights=getattr(self, "pool_weights", None),
+            trainable=self._trainable_parameters(),
+            batches=PUBatches(
+                num_unlabeled,
+                num_sensitive,
+                train.batch_size,
+                seed=train.seed * 1000,
+                sensitive_per_batch=self.config.data.sensitive_per_batch if num_sensitive else None,
+            ),
+            # Data parallel: the objective's sums and counts are all-reduced: the global batch's.
+            reduce=CrossProcessSum() if world_size > 1 else None,
         )
-        rank, world_size = accelerator.process_index, accelerator.num_processes
-        # Data parallel: the objective's sums and counts are all-reduced, so it is the global batch's.
-        reduce = CrossProcessSum() if world_size > 1 else None
-        mine = slice(rank * train.batch_size, (rank + 1) * train.batch_size)
-        scaler = accelerator.scaler  # fp16 on GPUs: torch's GradScaler; None otherwise
-        tick_values: list[torch.Tensor] = []
-        tick_start, tick_steps, tick_skipped, nonfinite_run = time.perf_counter(), 0, 0, 0
-        tick_overflow = 0
+        tick, nonfinite_run = _Tick(), 0
         for step in range(start_step, train.steps):
-            index = batches.indices(step, rank, world_size).to(device)
-            clean, is_sensitive, conditioning = fetch(index, step)
-            # One generator per step: the noise of step k depends only on (seed, k), so a resumed
-            # run draws exactly what an uninterrupted one would. Each process draws the noise and
-            # timesteps of the whole global batch and keeps its block, as with the items: N
-            # processes with batch B train exactly like one process with batch N*B.
-            generator = torch.Generator(device=device).manual_seed((train.seed * 1_000_003 + step) * 64)
-            noise = torch.randn(
-                (world_size * len(clean), *clean.shape[1:]), generator=generator, device=device
-            )[mine]
-            timesteps = torch.randint(
-                0,
-                noise_scheduler.config.num_train_timesteps,
-                (world_size * len(clean),),
-                generator=generator,
-                device=device,
-            )[mine]
-            with accelerator.autocast():
-                per_sample_loss = per_sample_denoising_loss(
-                    unet, noise_scheduler, clean, noise, timesteps, conditioning
-                )
-            out = objective(
-                objective_method if step >= train.warm_start_steps else "unsupervised",
-                per_sample_loss,
-                is_sensitive,
-                beta=train.beta,
-                correction=train.correction,
-                reduce=reduce,
-                **_objective_inputs(objective_method, step, train, index, timesteps, pool_weights),
-            )
-            accelerator.backward(out.loss)
-            grad_norm = accelerator.clip_grad_norm_(trainable, train.max_grad_norm)
+            outcome, row = self._step(step, step_inputs)
             done = step + 1
-            # A non-finite loss (or, without an fp16 grad scaler, which handles its own overflow,
-            # a non-finite gradient) must never reach the weights: skip the update. The check is
-            # one host sync per step. Under data parallelism both values are global already.
-            finite = torch.isfinite(out.loss.detach())
-            if scaler is None:
-                finite = finite & torch.isfinite(torch.as_tensor(grad_norm))
-            if bool(finite):
-                self.optimizer.step()
-                if scaler is not None and self.optimizer.step_was_skipped:
-                    # fp16 overflow in the gradients: the scaler skipped the update and lowered
-                    # its scale. Routine while the scale settles; the weights and EMA are
-                    # untouched and the inf grad norm stays out of the tick's averages.
-                    tick_overflow += 1
-                else:
-                    self._update_ema(step)
-                    tick_values.append(_tick_row(out, grad_norm))
-                nonfinite_run = 0
-            else:
-                if scaler is not None:
-                    # clip_grad_norm_ unscaled the gradients, and only the scaler's update()
-                    # clears that: without it the next step's unscale_() raises. A non-finite
-                    # loss is treated as an overflow: the scale backs off.
-                    scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-                nonfinite_run += 1
-                tick_skipped += 1
-                if nonfinite_run >= train.max_nonfinite_steps:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._log_tick(
-                        done,
-                        tick_values,
-                        tick_steps + 1,
-                        time.perf_counter() - tick_start,
-                        progress,
-                        tick_skipped,
-                        tick_overflow,
-                    )
-                    self._checkpoint(done)
-                    accelerator.wait_for_everyone()
-                    raise NonFiniteLoss(done, nonfinite_run, self.run_dir)
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-            tick_steps += 1
+            tick.steps += 1
+            if outcome == _APPLIED:
+                tick.rows.append(row)
+            elif outcome == _OVERFLOW:
+                tick.overflow += 1
+            nonfinite_run = nonfinite_run + 1 if outcome == _SKIPPED else 0
+            tick.skipped += outcome == _SKIPPED
+            if nonfinite_run >= train.max_nonfinite_steps:
+                self._log_tick(done, tick, progress)
+                self._checkpoint(done)
+                accelerator.wait_for_everyone()
+                raise NonFiniteLoss(done, nonfinite_run, self.run_dir)
             if done % train.log_every == 0 or done == train.steps:
-                elapsed = time.perf_counter() - tick_start
-                self._log_tick(done, tick_values, tick_steps, elapsed, progress, tick_skipped, tick_overflow)
-                tick_values, tick_start, tick_steps, tick_skipped = [], time.perf_counter(), 0, 0
-                tick_overflow = 0
+                self._log_tick(done, tick, progress)
+                tick = _Tick()
             progress.update(1)
             if world_size > 1:
                 # Every process must stop after the same step: agree at log ticks (a host sync
@@ -676,20 +640,77 @@ class Trainer:
             if done % train.checkpoint_every == 0 and done < train.steps:
                 self._checkpoint(done)
 
+    def _step(self, step: int, inputs: _StepInputs) -> tuple[str, torch.Tensor | None]:
+        """One optimisation step: the step's batch, noise and timesteps, the per-sample loss, the
+        objective, and the guarded update. Returns what happened (applied, overflow or skipped)
+        and, for an applied step, its TICK_FIELDS row (a device tensor: no host sync)."""
+        accelerator, train = self.accelerator, self.config.train
+        device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
+        index = inputs.batches.indices(step, rank, world_size).to(device)
+        clean, is_sensitive, conditioning = inputs.fetch(index, step)
+        # One generator per step: the noise of step k depends only on (seed, k), so a resumed run
+        # draws exactly what an uninterrupted one would. Each process draws the noise and
+        # timesteps of the whole global batch and keeps its block, as with the items: N processes
+        # with batch B train exactly like one process with batch N*B.
+        mine = slice(rank * train.batch_size, (rank + 1) * train.batch_size)
+        generator = torch.Generator(device=device).manual_seed((train.seed * 1_000_003 + step) * 64)
+        noise = torch.randn((world_size * len(clean), *clean.shape[1:]), generator=generator, device=device)
+        timesteps = torch.randint(
+            0,
+            self.noise_scheduler.config.num_train_timesteps,
+            (world_size * len(clean),),
+            generator=generator,
+            device=device,
+        )
+        noise, timesteps = noise[mine], timesteps[mine]
+        with accelerator.autocast():
+            per_sample_loss = per_sample_denoising_loss(
+                self.unet, self.noise_scheduler, clean, noise, timesteps, conditioning
+            )
+        out = objective(
+            inputs.method if step >= train.warm_start_steps else "unsupervised",
+            per_sample_loss,
+            is_sensitive,
+            beta=train.beta,
+            correction=train.correction,
+            reduce=inputs.reduce,
+            **_objective_inputs(inputs.method, step, train, index, timesteps, inputs.pool_weights),
+        )
+        accelerator.backward(out.loss)
+        grad_norm = accelerator.clip_grad_norm_(inputs.trainable, train.max_grad_norm)
+        scaler = accelerator.scaler  # fp16 on GPUs: torch's GradScaler; None otherwise
+        # A non-finite loss (or, without an fp16 grad scaler, which handles its own overflow, a
+        # non-finite gradient) must never reach the weights: skip the update. The check is one
+        # host sync per step. Under data parallelism both values are global already.
+        finite = torch.isfinite(out.loss.detach())
+        if scaler is None:
+            finite = finite & torch.isfinite(torch.as_tensor(grad_norm))
+        outcome, row = _SKIPPED, None
+        if bool(finite):
+            self.optimizer.step()
+            if scaler is not None and self.optimizer.step_was_skipped:
+                # fp16 overflow in the gradients: the scaler skipped the update and lowered its
+                # scale. Routine while the scale settles; the weights and EMA are untouched and the
+                # inf grad norm stays out of the tick's averages.
+                outcome = _OVERFLOW
+            else:
+                self._update_ema(step)
+                outcome, row = _APPLIED, _tick_row(out, grad_norm)
+        elif scaler is not None:
+            # clip_grad_norm_ unscaled the gradients, and only the scaler's update() clears that:
+            # without it the next step's unscale_() raises. A non-finite loss is treated as an
+            # overflow: the scale backs off.
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return outcome, row
+
     def _any_process(self, flag: bool) -> bool:
         value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
-    def _log_tick(
-        self,
-        step: int,
-        rows: list[torch.Tensor],
-        steps: int,
-        seconds: float,
-        progress,
-        skipped: int = 0,
-        overflow: int = 0,
-    ) -> None:
+    def _log_tick(self, step: int, tick: _Tick, progress) -> None:
+        rows, steps, seconds = tick.rows, tick.steps, time.perf_counter() - tick.start
         if rows:
             means = dict(zip(TICK_FIELDS, torch.stack(rows).mean(0).tolist(), strict=True))
         else:  # every step of the tick was skipped: no value (null in metrics.jsonl)
@@ -701,8 +722,8 @@ class Trainer:
             **means,
             "steps_per_second": steps / seconds,
             "images_per_second": images / seconds,
-            "skipped_nonfinite": skipped,
-            "skipped_overflow": overflow,
+            "skipped_nonfinite": tick.skipped,
+            "skipped_overflow": tick.overflow,
         }
         if self.accelerator.is_main_process:
             runs.append_jsonl(self.run_dir / "metrics.jsonl", self.last_metrics)
