@@ -287,3 +287,33 @@ def test_bad_values_of_the_new_flags_are_one_line(tmp_path, capsys, argv, messag
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_reject_trains_exactly_as_unsupervised_and_the_benchmark_reuses_the_twin(tmp_path):
+    from pudm.benchmark import reject_from_twin
+    from pudm.config import preset
+
+    args = ["--steps", "4", "--seed", "1", *TINY]
+    assert main(["train", "--method", "unsupervised", "--out", str(tmp_path / "u"), *args]) == 0
+    assert main(["train", "--method", "reject", "--out", str(tmp_path / "r"), *args]) == 0
+    weights = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    trained = [load_file(tmp_path / run / weights) for run in ("u", "r")]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    from pudm.config import RunConfig
+
+    reject = RunConfig.from_dict(config)
+    assert reject_from_twin(reject, tmp_path / "copied", tmp_path / "u")
+    copied = load_file(tmp_path / "copied" / weights)
+    assert all(torch.equal(copied[k], trained[1][k]) for k in copied)
+    assert json.loads((tmp_path / "copied" / "summary.json").read_text())["trained_as"] == "u"
+    assert (
+        Rejector.load(tmp_path / "copied" / "rejector").info
+        == Rejector.load(tmp_path / "r" / "rejector").info
+    )
+    # Another seed is not a twin: nothing is written.
+    other = preset("digits_even")
+    other.train.method, other.train.seed = "reject", 2
+    assert not reject_from_twin(other, tmp_path / "not", tmp_path / "u")
+    assert not (tmp_path / "not").exists()

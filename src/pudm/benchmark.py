@@ -127,6 +127,64 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
     Trainer(config, split, run_dir, show_progress=show_progress).train(resume=resume)
 
 
+def reject_from_twin(config: RunConfig, run_dir: Path, twin: Path) -> bool:
+    """A ``reject`` cell from its ``unsupervised`` twin: same data, seed and settings train the
+    same weights (``reject`` trains exactly as ``unsupervised``; tested), so the twin's pipeline is
+    copied and only the rejector is fitted. False (nothing written) when the twin does not match
+    or is not finished; the cell then trains on its own."""
+    from pudm.sampling import generate, save_grid
+    from pudm.training import grid_labels, run_rejector, split_from_config
+
+    if config.train.method != "reject" or not runs.is_complete(twin) or Path(run_dir).exists():
+        return False
+    stored = RunConfig.normalize(runs.read_json(Path(twin) / runs.CONFIG))
+    mine = config.to_dict()
+    ignored = ("method", "beta", "beta_estimate", "filter_folds", "filter_epochs")
+    if stored["train"]["method"] != "unsupervised" or {**stored, "sample": None, "train": None} != {
+        **mine,
+        "sample": None,
+        "train": None,
+    }:
+        return False
+    if {k: v for k, v in stored["train"].items() if k not in ignored} != {
+        k: v for k, v in mine["train"].items() if k not in ignored
+    }:
+        return False
+    split = split_from_config(config)
+
+    def write(tmp: Path) -> None:
+        import shutil
+
+        from pudm.filtering import sample_with_rejection
+        from pudm.models import load_pipeline
+
+        shutil.copytree(Path(twin) / "pipeline", tmp / "pipeline")
+        shutil.copy2(Path(twin) / "metrics.jsonl", tmp / "metrics.jsonl")
+        runs.atomic_write_json(tmp / runs.CONFIG, mine)
+        rejector = run_rejector(config, split, tmp)
+        pipeline = load_pipeline(tmp / "pipeline")
+
+        def draw(count: int, seed: int):
+            return generate(
+                pipeline.unet,
+                pipeline.scheduler.config,
+                num=count,
+                sampler=config.sample.sampler,
+                steps=config.sample.steps,
+                seed=seed,
+                show_progress=False,
+                class_labels=grid_labels(config, count),
+            )
+
+        images, _ = sample_with_rejection(draw, rejector, config.sample.grid_size, config.train.seed)
+        save_grid(images, tmp / "samples.png")
+        summary = runs.read_json(Path(twin) / runs.SUMMARY)
+        runs.atomic_write_json(tmp / runs.SUMMARY, {**summary, "trained_as": str(Path(twin).name)})
+
+    runs.atomic_write_dir(Path(run_dir), write)
+    return True
+
+
 def _estimate_beta(config: RunConfig, run_dir: Path, log: Callable[[str], None]) -> None:
     """An ``auto`` cell's beta: the estimate its run already holds, or a fresh one."""
     from pudm.prior import PriorEstimate, apply_estimate, describe, estimate_for_config
@@ -303,7 +361,9 @@ def run_benchmark(
         log(f"[{index}/{len(cells)}] {cell.name}")
         if cell.beta == "auto":
             _estimate_beta(configs[cell.name], run_dir, log)
-        ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
+        twin = out / "runs" / Cell("unsupervised", cell.seed).name
+        if not reject_from_twin(configs[cell.name], run_dir, twin):
+            ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
         evals[cell.name] = evaluate(run_dir)  # a filter run's eval.json holds its filter report
         log(
             f"    non-sensitive rate {evals[cell.name]['non_sensitive_rate']:.3f}, "
