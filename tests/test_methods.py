@@ -317,3 +317,37 @@ def test_reject_trains_exactly_as_unsupervised_and_the_benchmark_reuses_the_twin
     other.train.method, other.train.seed = "reject", 2
     assert not reject_from_twin(other, tmp_path / "not", tmp_path / "u")
     assert not (tmp_path / "not").exists()
+
+
+def test_too_few_s_items_for_the_folds_fail_before_an_overwrite_touches_the_old_run(tmp_path, capsys):
+    from conftest import tree_digest
+
+    out = tmp_path / "run"
+    assert main(["train", "--method", "unsupervised", "--steps", "2", "--out", str(out), *TINY]) == 0
+    before = tree_digest(out)
+    argv = ["train", "--method", "weighted", "--num-sensitive", "3", "--overwrite", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--filter-folds must be in [2, 3] for method weighted" in err and "Traceback" not in err
+    assert tree_digest(out) == before, "the old run is untouched"
+
+
+def test_rejection_may_return_fewer_when_asked_and_a_damaged_rejector_is_one_line(tmp_path):
+    from pudm import UsageError
+
+    class Everything(_BrightRejector):
+        def flags(self, images):
+            return np.ones(len(images), dtype=bool)
+
+    images, report = sample_with_rejection(_draw, Everything(), num=10, seed=0, allow_fewer=True)
+    assert len(images) == 0 and report["rejected_share"] == 1.0
+    with pytest.raises(UsageError, match="--num must be > 0"):
+        sample_with_rejection(_draw, _BrightRejector(), num=0, seed=0)
+    unlabeled, _ = _planted(20, 4, seed=0)
+    sensitive, _ = _planted(0, 10, seed=1)
+    Rejector.fit(unlabeled, sensitive, beta=0.1, folds=2, fit_config=FitConfig(epochs=1)).save(
+        tmp_path / "rej"
+    )
+    (tmp_path / "rej" / "fold1.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UsageError, match="is not a readable rejector"):
+        Rejector.load(tmp_path / "rej")

@@ -383,3 +383,12 @@ def test_pu_bounded_and_warm_start_on_latents(world, tmp_path):
     assert [m["bracket"] == m["mean_unlabeled_loss"] for m in warm] == [True, False]
     assert warm[0]["loss"] == pytest.approx(warm[0]["mean_unlabeled_loss"], rel=1e-6)
     assert warm[1]["loss"] != pytest.approx(warm[1]["mean_unlabeled_loss"], rel=1e-3)
+
+
+def test_a_warm_start_longer_than_the_epochs_is_one_line(world, tmp_path, capsys):
+    out = tmp_path / "warm"
+    args = [*base_args(world), "--out", str(out), "--resolution", "16", "--batch-size", "4", "--epochs", "1"]
+    assert main([*args, "--warm-start-steps", "100", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--warm-start-steps must be in [0, --steps" in err and len(err.splitlines()) == 1
+    assert not out.exists()

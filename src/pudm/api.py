@@ -181,7 +181,7 @@ def train(
         raise UsageError("train needs a config (pudm.preset(...)) unless it resumes a run")
     config.validate()
     split = split_from_config(config, report=log.warning)
-    check_method_fits_data(config.train.method, split)
+    check_method_fits_data(config.train.method, split, config.train.filter_folds)
     if auto_beta and not resume:
         if config.train.method not in BETA_METHODS:
             raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
@@ -262,6 +262,8 @@ def train_sd(
                 "config=None (the run's own), or start a new run with overwrite=True"
             )
         config = stored
+    if config is None:
+        raise UsageError("train_sd needs a config (pudm.sd.SDRunConfig) unless it resumes a run")
     config.validate()
     data = load_text_images(config.data, need_sensitive=config.train.method != "unsupervised")
     found = data_fingerprints(data)
@@ -280,6 +282,11 @@ def train_sd(
         config.data.num_sensitive = len(data.sensitive.files) if data.sensitive else 0
         resolve_steps(config, data, state.num_processes)
         config.validate()
+        if config.train.warm_start_steps >= config.train.steps:
+            raise UsageError(
+                f"--warm-start-steps must be in [0, --steps {config.train.steps}), got "
+                f"{config.train.warm_start_steps}"
+            )
     # Load the pipeline before anything is written: a bad pretrained model leaves no half-made run.
     parts = load_parts(config.model.pretrained)
     if state.is_main_process:
@@ -631,12 +638,12 @@ def benchmark(
     sample_steps, pretrained, learning_rate, data_dir, show_progress, log)."""
     from pudm.benchmark import run_benchmark
 
-    _config_preset(preset_name)  # an unknown preset is an error before anything runs
-    steps = options.get("steps")
-    if steps is not None and steps <= 0:
-        raise UsageError(f"--steps must be > 0, got {steps}")
     sample_steps = options.get("sample_steps")
     if sample_steps is not None and sample_steps <= 0:
         raise UsageError(f"--sample-steps must be > 0, got {sample_steps}")
+    steps = options.get("steps")
+    if steps is not None and steps <= 0:
+        raise UsageError(f"--steps must be > 0, got {steps}")
+    _config_preset(preset_name)  # an unknown preset is an error before anything runs
     options.setdefault("log", log.info)
     return run_benchmark(preset_name, methods, seeds, Path(out), **options)

@@ -109,6 +109,7 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
     interrupted one, start afresh otherwise (an existing run of another config is an error)."""
     from pudm.training import Trainer, check_method_fits_data, split_from_config
 
+    run_dir = Path(run_dir)
     folder = runs.RunFolder(run_dir)
     resume = folder.holds_run
     if resume:
@@ -123,7 +124,7 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise runs.RunError(f"{run_dir} exists and is not a pudm run: choose another --out")
     split = split_from_config(config)
-    check_method_fits_data(config.train.method, split)
+    check_method_fits_data(config.train.method, split, config.train.filter_folds)
     Trainer(config, split, run_dir, show_progress=show_progress).train(resume=resume)
 
 

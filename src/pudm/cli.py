@@ -12,125 +12,46 @@ import logging
 import sys
 from pathlib import Path
 
-from pudm import runs
+from pudm import flags, runs
 from pudm.config import (
-    PREDICTION_TYPES,
     PRESETS,
     SAMPLERS,
-    TRAIN_METHODS,
+    DataConfig,
+    ModelConfig,
     RunConfig,
+    SampleConfig,
+    TrainConfig,
     default_steps,
     preset,
 )
 from pudm.errors import UsageError
 from pudm.models import MODEL_PRESETS, model_preset
-from pudm.objectives import CORRECTIONS
 
-# CLI flag -> (config section, field). Every flag defaults to None: "keep the preset's value".
-TRAIN_OVERRIDES = {
-    "method": ("train", "method"),
-    "beta": ("train", "beta"),
-    "correction": ("train", "correction"),
-    "steps": ("train", "steps"),
-    "batch_size": ("train", "batch_size"),
-    "lr": ("train", "learning_rate"),
-    "warmup_steps": ("train", "warmup_steps"),
-    "lr_schedule": ("train", "lr_schedule"),
-    "ema_decay": ("train", "ema_decay"),
-    "seed": ("train", "seed"),
-    "mixed_precision": ("train", "mixed_precision"),
-    "log_every": ("train", "log_every"),
-    "checkpoint_every": ("train", "checkpoint_every"),
-    "keep_checkpoints": ("train", "keep_checkpoints"),
-    "max_nonfinite_steps": ("train", "max_nonfinite_steps"),
-    "num_sensitive": ("data", "num_sensitive"),
-    "num_unlabeled_normal": ("data", "num_unlabeled_normal"),
-    "num_unlabeled_sensitive": ("data", "num_unlabeled_sensitive"),
-    "num_test": ("data", "num_test"),
-    "sensitive_per_batch": ("data", "sensitive_per_batch"),
-    "split_seed": ("data", "split_seed"),
-    "image_size": ("data", "image_size"),
-    "channels": ("data", "channels"),
-    "data_dir": ("data", "data_dir"),
-    "download": ("data", "download"),
-    "unlabeled": ("data", "unlabeled_dir"),
-    "sensitive": ("data", "sensitive_dir"),
-    "test": ("data", "test_dir"),
-    "strict": ("data", "strict"),
-    "prediction_type": ("model", "prediction_type"),
-    "sampler": ("sample", "sampler"),
-    "sample_steps": ("sample", "steps"),
-    "grid_size": ("sample", "grid_size"),
-    "filter_folds": ("train", "filter_folds"),
-    "filter_epochs": ("train", "filter_epochs"),
-    "warm_start_steps": ("train", "warm_start_steps"),
-    "pu_min_timestep": ("train", "pu_min_timestep"),
-}
+TRAIN_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
+DATA_GROUP, OPTIM_GROUP, RUN_GROUP = "data", "optimisation", "run folder"
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def _train_flags(command: str = "train") -> list[flags.Flag]:
+    found = flags.flags_of(TRAIN_SECTIONS, command)
+    for flag in found:
+        if flag.name == "beta":
+            flag.argparse["type"] = _beta  # a number, or auto
+    return found
+
+
+def _data_flags() -> list[flags.Flag]:
     """Which U, S and test split: the data options shared by train and estimate-prior."""
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--preset",
-        help=f"named settings: {', '.join(PRESETS)} (default: digits_even)",
-    )
-    data.add_argument("--num-sensitive", type=int, help="size of the labeled sensitive set S")
-    data.add_argument("--num-unlabeled-normal", type=int, help="normal items in U (labeled sources)")
-    data.add_argument(
-        "--num-unlabeled-sensitive", type=int, help="sensitive items hidden in U (labeled sources)"
-    )
-    data.add_argument("--num-test", type=int, help="normal test images for FID (labeled sources)")
-    data.add_argument("--split-seed", type=int, help="seed of the U/S/test split (default 0)")
-    data.add_argument("--image-size", type=int, help="resize images to this many pixels a side")
-    data.add_argument("--channels", type=int, choices=(1, 3), help="grey (1) or RGB (3)")
-    data.add_argument(
-        "--data-dir", type=Path, help="where the paper data sets' files are (default ~/.cache/pudm/datasets)"
-    )
-    data.add_argument(
-        "--no-download",
-        dest="download",
-        action="store_false",
-        default=None,
-        help="never download a missing paper data set; fail with the files to put in --data-dir",
-    )
-    data.add_argument(
-        "--unlabeled", type=Path, help="image folder of U (recursive; implies --preset folders)"
-    )
-    data.add_argument("--sensitive", type=Path, help="image folder of S, the labeled sensitive images")
-    data.add_argument("--test", type=Path, help="image folder of normal test images (for FID; optional)")
-    data.add_argument("--strict", action="store_true", default=None, help="stop at an unreadable image file")
-    return data
+    return flags.flags_of({"data": DataConfig}, "estimate-prior")
+
+
+def _add_preset(group) -> None:
+    group.add_argument("--preset", help=f"named settings: {', '.join(PRESETS)} (default: digits_even)")
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    data = _add_data_arguments(parser)
-    data.add_argument(
-        "--sensitive-per-batch",
-        type=int,
-        help="exactly K items of S per batch (default: drawn from the pooled U and S, as the paper)",
-    )
-
-    method = parser.add_argument_group("objective")
-    method.add_argument("--method", help=f"one of {', '.join(TRAIN_METHODS)} (default: pu)")
-    method.add_argument(
-        "--beta",
-        type=_beta,
-        help="share of sensitive items in U, in [0, 1) (default 0.1), or auto: estimate it from U and S "
-        "(see pudm estimate-prior)",
-    )
-    method.add_argument(
-        "--correction", help=f"PU correction: {' or '.join(CORRECTIONS)} (default abs, as the paper)"
-    )
-    method.add_argument(
-        "--filter-folds",
-        type=int,
-        help="filter, weighted, reject: cross-fitting folds of the S-vs-U classifier (default 5)",
-    )
-    method.add_argument("--filter-epochs", type=int, help="filter, weighted, reject: epochs per fold (20)")
-    _add_beyond_paper_arguments(method)
-
-    optim = parser.add_argument_group("optimisation")
+    groups = {name: parser.add_argument_group(name) for name in (DATA_GROUP, "objective", OPTIM_GROUP)}
+    _add_preset(groups[DATA_GROUP])
+    optim = groups[OPTIM_GROUP]
     optim.add_argument("--model", choices=sorted(MODEL_PRESETS), help="UNet preset (default small)")
     optim.add_argument(
         "--pretrained",
@@ -142,60 +63,15 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="a UNet conditioned on the set each item came from: class 0 for every U item, 1 for every "
         "S item (never the hidden truth); sample with --class 0, U's label (the default)",
     )
-    optim.add_argument(
-        "--prediction-type",
-        choices=PREDICTION_TYPES,
-        help="what the UNet predicts, and so what l(x) measures (default: the preset's)",
-    )
-    optim.add_argument("--steps", type=int, help="optimiser steps")
-    optim.add_argument("--batch-size", type=int, help="images per step (per process)")
-    optim.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    optim.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
-    optim.add_argument("--lr-schedule", choices=("cosine", "constant"), help="after warm-up (default cosine)")
-    optim.add_argument("--ema-decay", type=float, help="EMA decay of the saved weights (default 0.999)")
-    optim.add_argument("--seed", type=int, help="seed of initialisation, batches and noise")
-    optim.add_argument(
-        "--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast dtype (loss stays float32)"
-    )
-
-    run = parser.add_argument_group("run folder")
+    run = groups[RUN_GROUP] = parser.add_argument_group(RUN_GROUP)
     run.add_argument("--out", required=True, type=Path, help="run folder to write")
-    run.add_argument("--log-every", type=int, help="steps per metrics line")
-    run.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    run.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep")
-    run.add_argument(
-        "--max-nonfinite-steps",
-        type=int,
-        help="non-finite losses in a row (each update skipped) before the run stops (default 5)",
-    )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    grid = parser.add_argument_group("end-of-run sample grid (also the defaults of pudm sample)")
-    grid.add_argument(
-        "--sampler",
-        choices=SAMPLERS,
-        help="ddpm, ddim, dpm (DPM-Solver++) or dpm-sde (its SDE variant; default)",
-    )
-    grid.add_argument("--sample-steps", type=int, help="sampling steps (default 10)")
-    grid.add_argument("--grid-size", type=int, help="samples in RUN/samples.png (default 64)")
-
-
-def _add_beyond_paper_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--warm-start-steps",
-        type=int,
-        help="supervised, pu, pu-bounded: the first N steps train the unsupervised objective (default 0)",
-    )
-    group.add_argument(
-        "--pu-min-timestep",
-        type=int,
-        help="pu-bounded: the PU terms apply at timesteps >= this, of 1000 (default 300)",
-    )
+    flags.add(parser, _train_flags(), groups)
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
@@ -213,12 +89,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
         prediction_type = config.model.prediction_type
         config.model = model_preset(args.model)
         config.model.prediction_type = prediction_type
-    for flag, (section, field) in TRAIN_OVERRIDES.items():
-        value = getattr(args, flag, None)
-        if value is not None and not (flag == "beta" and value == AUTO):
-            if isinstance(value, Path):
-                value = str(value.resolve())  # the run can be resumed from anywhere
-            setattr(getattr(config, section), field, value)
+    given = flags.given(args, _train_flags() if args.command == "train" else _data_flags())
+    flags.apply(config, [(f, value) for f, value in given if not (f.name == "beta" and value == AUTO)])
     if getattr(args, "class_conditional", False):
         from pudm.training import SET_CLASSES
 
@@ -264,18 +136,13 @@ def _beta(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--beta takes a number in [0, 1) or auto, got {text!r}") from None
 
 
-def _given_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {flag: getattr(args, flag) for flag in TRAIN_OVERRIDES if getattr(args, flag) is not None}
-
-
 def _resume_config(args: argparse.Namespace) -> RunConfig:
     if not runs.holds_run(args.out):
         raise UsageError(f"--resume: {args.out} holds no run (no config.json): run without --resume")
     config = RunConfig.from_dict(runs.read_json(args.out / runs.CONFIG))
-    for flag, value in _given_overrides(args).items():
-        section, field = TRAIN_OVERRIDES[flag]
-        stored = getattr(getattr(config, section), field)
-        if flag == "beta" and value == AUTO:
+    for flag, value in flags.given(args, _train_flags()):
+        stored = getattr(getattr(config, flag.section), flag.field)
+        if flag.name == "beta" and value == AUTO:
             if config.train.beta_estimate is None:
                 raise UsageError(
                     f"--resume: {args.out} was trained with --beta {stored}, not auto: drop --beta"
@@ -283,7 +150,7 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
             continue
         if stored != value:
             raise UsageError(
-                f"--resume: {args.out} was trained with --{flag.replace('_', '-')} {stored}, not {value}: "
+                f"--resume: {args.out} was trained with {flag.option} {stored}, not {value}: "
                 "drop the flag to resume, or start a new run with --overwrite"
             )
     if args.model is not None:
@@ -367,46 +234,10 @@ def _write_samples(images, outs: list[Path], how: str, scale: int = 4) -> None:
         print(f"wrote {len(images)} samples ({how}) to {out}")
 
 
-# pudm sd flag -> (config section, field); None: keep the default.
-SD_OVERRIDES = {
-    "unlabeled": ("data", "unlabeled"),
-    "sensitive": ("data", "sensitive"),
-    "unlabeled_prompt": ("data", "unlabeled_prompt"),
-    "sensitive_prompt": ("data", "sensitive_prompt"),
-    "resolution": ("data", "resolution"),
-    "strict": ("data", "strict"),
-    "sensitive_per_batch": ("data", "sensitive_per_batch"),
-    "pretrained": ("model", "pretrained"),
-    "lora_rank": ("model", "lora_rank"),
-    "lora_alpha": ("model", "lora_alpha"),
-    "gradient_checkpointing": ("model", "gradient_checkpointing"),
-    "cache": ("model", "cache"),
-    "ema": ("model", "ema"),
-    "epochs": ("model", "epochs"),
-    "method": ("train", "method"),
-    "beta": ("train", "beta"),
-    "correction": ("train", "correction"),
-    "warm_start_steps": ("train", "warm_start_steps"),
-    "pu_min_timestep": ("train", "pu_min_timestep"),
-    "steps": ("train", "steps"),
-    "batch_size": ("train", "batch_size"),
-    "lr": ("train", "learning_rate"),
-    "warmup_steps": ("train", "warmup_steps"),
-    "lr_schedule": ("train", "lr_schedule"),
-    "weight_decay": ("train", "weight_decay"),
-    "ema_decay": ("train", "ema_decay"),
-    "seed": ("train", "seed"),
-    "mixed_precision": ("train", "mixed_precision"),
-    "log_every": ("train", "log_every"),
-    "checkpoint_every": ("train", "checkpoint_every"),
-    "keep_checkpoints": ("train", "keep_checkpoints"),
-    "max_nonfinite_steps": ("train", "max_nonfinite_steps"),
-    "sampler": ("sample", "sampler"),
-    "sample_steps": ("sample", "steps"),
-    "guidance_scale": ("sample", "guidance_scale"),
-    "sample_prompt": ("sample", "prompts"),
-    "grid_size": ("sample", "grid_size"),
-}
+def _sd_sections() -> dict[str, type]:
+    from pudm.sd import SDDataConfig, SDModelConfig, SDSampleConfig
+
+    return {"data": SDDataConfig, "model": SDModelConfig, "train": TrainConfig, "sample": SDSampleConfig}
 
 
 def _sd_config(args: argparse.Namespace):
@@ -416,10 +247,7 @@ def _sd_config(args: argparse.Namespace):
     if args.steps is not None and args.epochs is not None:
         raise UsageError("give --steps or --epochs, not both")
     config = SDRunConfig()
-    for flag, (section, name) in SD_OVERRIDES.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(getattr(config, section), name, tuple(value) if isinstance(value, list) else value)
+    flags.apply(config, flags.given(args, flags.flags_of(_sd_sections(), "sd")))
     if args.lr is None:
         config.train.learning_rate = default_learning_rate(config.train.method)
     if args.sampler is not None and args.sample_steps is None:
@@ -444,18 +272,13 @@ def _sd_resume_config(args: argparse.Namespace):
     if not is_sd_run(args.out):
         raise UsageError(f"--resume: {args.out} holds no pudm sd run (no config.json of one): drop --resume")
     config = load_run_config(args.out)
-    for flag, (section, name) in SD_OVERRIDES.items():
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        if isinstance(value, Path) or (flag == "pretrained" and Path(value).exists()):
+    for flag, value in flags.given(args, flags.flags_of(_sd_sections(), "sd")):
+        if flag.name == "pretrained" and Path(value).exists():
             value = str(Path(value).resolve())
-        elif isinstance(value, list):
-            value = tuple(value)
-        stored = getattr(getattr(config, section), name)
+        stored = getattr(getattr(config, flag.section), flag.field)
         if stored != value:
             raise UsageError(
-                f"--resume: {args.out} was trained with --{flag.replace('_', '-')} {stored}, not {value}: "
+                f"--resume: {args.out} was trained with {flag.option} {stored}, not {value}: "
                 "drop the flag to resume, or start a new run with --overwrite"
             )
     return config
@@ -671,75 +494,15 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser, out: Path) -> None
 
 
 def _add_sd_arguments(parser: argparse.ArgumentParser) -> None:
-    from pudm.sd import SD_METHODS
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--pretrained", help="local Stable Diffusion pipeline folder or hub id")
-    data.add_argument("--unlabeled", type=Path, help="folder of unlabeled images U (recursive)")
-    data.add_argument("--sensitive", type=Path, help="folder of labeled sensitive images S (recursive)")
-    data.add_argument("--unlabeled-prompt", help="caption of U images that metadata.jsonl does not caption")
-    data.add_argument("--sensitive-prompt", help="caption of S images that metadata.jsonl does not caption")
-    data.add_argument("--resolution", type=int, help="training size in pixels, resize + centre crop (512)")
-    data.add_argument("--strict", action="store_true", default=None, help="stop at an unreadable image file")
-    data.add_argument("--sensitive-per-batch", type=int, help="exactly K items of S per batch")
-
-    method = parser.add_argument_group("objective")
-    method.add_argument("--method", help=f"one of {', '.join(SD_METHODS)} (default pu)")
-    method.add_argument("--beta", type=float, help="share of sensitive items in U, in [0, 1) (default 0.2)")
-    method.add_argument("--correction", help=f"PU correction: {' or '.join(CORRECTIONS)} (default abs)")
-    _add_beyond_paper_arguments(method)
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument(
-        "--lora-rank", type=int, help="train LoRA adapters of this rank (default 0: full UNet)"
-    )
-    optim.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
-    optim.add_argument("--steps", type=int, help="optimiser steps")
-    optim.add_argument("--epochs", type=int, help="passes over U (+ S) instead of --steps (default 1000)")
-    optim.add_argument("--batch-size", type=int, help="images per step per process (default 16)")
-    optim.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5 for pu, 1e-4 otherwise)")
-    optim.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
-    optim.add_argument("--lr-schedule", choices=("constant", "cosine"), help="default constant")
-    optim.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
-    optim.add_argument(
-        "--mixed-precision",
-        choices=("no", "fp16", "bf16"),
-        help="autocast dtype; the frozen VAE and text encoder (and the LoRA base) are stored in it",
-    )
-    optim.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        default=None,
-        help="recompute activations: less memory",
-    )
-    optim.add_argument(
-        "--cache",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="encode every image and caption once before training (default on; same results)",
-    )
-    optim.add_argument("--ema", action="store_true", default=None, help="save EMA weights of what trains")
-    optim.add_argument("--ema-decay", type=float, help="EMA decay (default 0.9999)")
-    optim.add_argument("--seed", type=int, help="seed of adapters, batches and noise (default 0)")
-
-    run = parser.add_argument_group("run folder")
+    groups = {name: parser.add_argument_group(name) for name in (DATA_GROUP, "objective", OPTIM_GROUP)}
+    run = groups[RUN_GROUP] = parser.add_argument_group(RUN_GROUP)
     run.add_argument("--out", required=True, type=Path, help="run folder to write")
     run.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     run.add_argument("--overwrite", action="store_true", help="replace a finished or broken run in --out")
-    run.add_argument("--log-every", type=int, help="steps per metrics line (default 10)")
-    run.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
-    run.add_argument("--keep-checkpoints", type=int, help="checkpoints kept on disk (default 2)")
-    run.add_argument("--max-nonfinite-steps", type=int, help="non-finite losses in a row before stopping (5)")
-    run.add_argument("--sampler", choices=SAMPLERS, help="end-of-run samples and pudm sample (default ddim)")
-    run.add_argument("--sample-steps", type=int, help="sampling steps (default 50 for ddim)")
-    run.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 7.5)")
-    run.add_argument(
-        "--sample-prompt", action="append", help="prompt of the end-of-run grid; repeatable (default: U's)"
-    )
-    run.add_argument("--grid-size", type=int, help="images per prompt in samples.png (default 4; 0: none)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    flags.add(parser, flags.flags_of(_sd_sections(), "sd"), groups)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -802,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap 95% interval and a cross-check by BBE on PCA + logistic regression. Prints the "
         "estimate; --json prints {beta, low, high, method, cross_check, warnings}.",
     )
-    _add_data_arguments(estimate)
+    data = estimate.add_argument_group(DATA_GROUP)
+    _add_preset(data)
+    flags.add(estimate, _data_flags(), {DATA_GROUP: data})
     estimate.add_argument("--epochs", type=int, default=20, help="classifier epochs per fold (default 20)")
     estimate.add_argument("--no-cross-check", action="store_true", help="skip the second estimator")
     estimate.add_argument("--json", action="store_true", help="print one JSON object")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pudm.datasets import SOURCES
@@ -35,6 +36,17 @@ def default_steps(sampler: str) -> int:
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def flag(default: Any, help: str, *, group: str, name: str | None = None, **argparse: Any) -> Any:
+    """A config field that is also a command-line flag (``pudm.flags`` builds the parsers).
+
+    ``name``: the flag without its dashes when it is not the field's name; ``help``: one string, or
+    one per command ({"train": ..., "sd": ...}; a command missing from the dict has no such flag);
+    ``argparse``: what ``add_argument`` needs beyond the type the field's annotation gives (choices,
+    action, a type of its own).
+    """
+    return field(default=default, metadata={"help": help, "group": group, "name": name, "argparse": argparse})
+
+
 @dataclass
 class DataConfig:
     """Where U and S come from and how many of each.
@@ -47,24 +59,46 @@ class DataConfig:
 
     source: str = "digits"
     normal_classes: tuple[int, ...] = (0, 2, 4, 6, 8)
-    num_unlabeled_normal: int = 750
-    num_unlabeled_sensitive: int = 75
-    num_sensitive: int = 300
-    num_test: int = 141
-    image_size: int = 8
-    channels: int = 1
-    split_seed: int = 0
+    num_unlabeled_normal: int = flag(750, "normal items in U (labeled sources)", group="data")
+    num_unlabeled_sensitive: int = flag(75, "sensitive items hidden in U (labeled sources)", group="data")
+    num_sensitive: int = flag(300, "size of the labeled sensitive set S", group="data")
+    num_test: int = flag(141, "normal test images for FID (labeled sources)", group="data")
+    image_size: int = flag(8, "resize images to this many pixels a side", group="data")
+    channels: int = flag(1, "grey (1) or RGB (3)", group="data", choices=(1, 3))
+    split_seed: int = flag(0, "seed of the U/S/test split (default 0)", group="data")
     # None: batches drawn from the pooled U and S (the paper); k: exactly k S items per batch.
-    sensitive_per_batch: int | None = None
+    sensitive_per_batch: int | None = flag(
+        None,
+        {"train": "exactly K items of S per batch (default: drawn from the pooled U and S, as the paper)"},
+        group="data",
+    )
     # The paper's data sets: where torchvision's files are (None: $PUDM_DATA_DIR or
     # ~/.cache/pudm/datasets), and whether missing files may be downloaded.
-    data_dir: str | None = None
-    download: bool = True
+    data_dir: str | None = flag(
+        None, "where the paper data sets' files are (default ~/.cache/pudm/datasets)", group="data", type=Path
+    )
+    download: bool = flag(
+        True,
+        "never download a missing paper data set; fail with the files to put in --data-dir",
+        group="data",
+        name="no_download",
+        action="store_false",
+    )
     # source "folders": the user's image folders (U, S, and optionally normal test images).
-    unlabeled_dir: str | None = None
-    sensitive_dir: str | None = None
-    test_dir: str | None = None
-    strict: bool = False
+    unlabeled_dir: str | None = flag(
+        None,
+        "image folder of U (recursive; implies --preset folders)",
+        group="data",
+        name="unlabeled",
+        type=Path,
+    )
+    sensitive_dir: str | None = flag(
+        None, "image folder of S, the labeled sensitive images", group="data", name="sensitive", type=Path
+    )
+    test_dir: str | None = flag(
+        None, "image folder of normal test images (for FID; optional)", group="data", name="test", type=Path
+    )
+    strict: bool = flag(False, "stop at an unreadable image file", group="data", action="store_true")
 
 
 @dataclass
@@ -80,7 +114,12 @@ class ModelConfig:
     beta_schedule: str = "linear"
     # What the UNet predicts, and so what l(x) measures: "epsilon" (the paper: ||eps_hat - eps||^2)
     # or "v_prediction" (||v_hat - v||^2 = ||eps_hat - eps||^2 / abar_t, more weight on high noise).
-    prediction_type: str = "epsilon"
+    prediction_type: str = flag(
+        "epsilon",
+        "what the UNet predicts, and so what l(x) measures (default: the preset's)",
+        group="optimisation",
+        choices=PREDICTION_TYPES,
+    )
     # Fine-tuning: the pipeline (folder, pudm run or hub id) whose UNet and noise schedule training
     # starts from; the fields above then describe that UNet. None: a UNet initialised at random.
     pretrained: str | None = None
@@ -90,37 +129,100 @@ class ModelConfig:
     num_classes: int = 0
 
 
+_MIXED = ("no", "fp16", "bf16")
+
+
 @dataclass
 class TrainConfig:
     """The objective and the optimisation around it."""
 
-    method: str = "pu"
-    beta: float = 0.1
-    correction: str = "abs"
-    steps: int = 3000
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    lr_schedule: str = "cosine"
-    weight_decay: float = 0.0
+    method: str = flag(
+        "pu",
+        {
+            "train": f"one of {', '.join(TRAIN_METHODS)} (default: pu)",
+            "sd": "one of unsupervised, supervised, pu, pu-bounded (default pu)",
+        },
+        group="objective",
+    )
+    beta: float = flag(
+        0.1,
+        {
+            "train": "share of sensitive items in U, in [0, 1) (default 0.1), or auto: estimate it from U "
+            "and S (see pudm estimate-prior)",
+            "sd": "share of sensitive items in U, in [0, 1) (default 0.2)",
+        },
+        group="objective",
+    )
+    correction: str = flag(
+        "abs", f"PU correction: {' or '.join(CORRECTIONS)} (default abs, as the paper)", group="objective"
+    )
+    steps: int = flag(3000, "optimiser steps", group="optimisation")
+    batch_size: int = flag(
+        128,
+        {"train": "images per step (per process)", "sd": "images per step per process (default 16)"},
+        group="optimisation",
+    )
+    learning_rate: float = flag(
+        1e-3,
+        {
+            "train": "peak AdamW learning rate",
+            "sd": "AdamW learning rate (default 1e-5 for pu, 1e-4 otherwise)",
+        },
+        group="optimisation",
+        name="lr",
+    )
+    warmup_steps: int = flag(100, "linear learning-rate warm-up steps", group="optimisation")
+    lr_schedule: str = flag(
+        "cosine",
+        "after warm-up (train: default cosine; sd: constant)",
+        group="optimisation",
+        choices=("cosine", "constant"),
+    )
+    weight_decay: float = flag(0.0, {"sd": "AdamW weight decay (default 0.01)"}, group="optimisation")
     max_grad_norm: float = 1.0
-    ema_decay: float = 0.999
-    seed: int = 0
-    mixed_precision: str = "no"
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    ema_decay: float = flag(
+        0.999, "EMA decay of the saved weights (train: default 0.999; sd: 0.9999)", group="optimisation"
+    )
+    seed: int = flag(0, "seed of initialisation, batches and noise (default 0)", group="optimisation")
+    mixed_precision: str = flag(
+        "no",
+        {
+            "train": "autocast dtype (loss stays float32)",
+            "sd": "autocast dtype; the frozen VAE and text encoder (and the LoRA base) are stored in it",
+        },
+        group="optimisation",
+        choices=_MIXED,
+    )
+    log_every: int = flag(50, "steps per metrics line", group="run folder")
+    checkpoint_every: int = flag(500, "steps between checkpoints", group="run folder")
+    keep_checkpoints: int = flag(2, "how many checkpoints to keep", group="run folder")
     # consecutive non-finite losses (each update skipped) before the run stops with a checkpoint
-    max_nonfinite_steps: int = 5
-    # filter baseline: folds and epochs of its cross-fitted S-vs-U classifier
-    filter_folds: int = 5
-    filter_epochs: int = 20
+    max_nonfinite_steps: int = flag(
+        5,
+        "non-finite losses in a row (each update skipped) before the run stops (default 5)",
+        group="run folder",
+    )
+    # filter, weighted, reject: folds and epochs of the cross-fitted S-vs-U classifier
+    filter_folds: int = flag(
+        5,
+        {"train": "filter, weighted, reject: cross-fitting folds of the S-vs-U classifier (default 5)"},
+        group="objective",
+    )
+    filter_epochs: int = flag(
+        20, {"train": "filter, weighted, reject: epochs per fold (20)"}, group="objective"
+    )
     # --beta auto: the estimate that set beta (pudm.prior.PriorEstimate.to_dict()); None otherwise
     beta_estimate: dict | None = None
     # The first N steps train the unsupervised objective, then the method's (a warm start).
-    warm_start_steps: int = 0
+    warm_start_steps: int = flag(
+        0,
+        "supervised, pu, pu-bounded: the first N steps train the unsupervised objective (default 0)",
+        group="objective",
+    )
     # pu-bounded: the PU terms apply to items whose timestep is at least this (of 1000).
-    pu_min_timestep: int = 300
+    pu_min_timestep: int = flag(
+        300, "pu-bounded: the PU terms apply at timesteps >= this, of 1000 (default 300)", group="objective"
+    )
 
 
 @dataclass
@@ -129,9 +231,23 @@ class SampleConfig:
 
     # DPM-Solver++ (2M) SDE, 10 steps: the fastest measured sampler within 10% of DDPM 1000 in
     # FID and non-sensitive rate on the digits models, ~120x faster (benchmarks/README.md).
-    sampler: str = "dpm-sde"
-    steps: int = 10
-    grid_size: int = 64
+    sampler: str = flag(
+        "dpm-sde",
+        "ddpm, ddim, dpm (DPM-Solver++) or dpm-sde (its SDE variant; default)",
+        group="end-of-run sample grid (also the defaults of pudm sample)",
+        choices=SAMPLERS,
+    )
+    steps: int = flag(
+        10,
+        "sampling steps (default 10)",
+        group="end-of-run sample grid (also the defaults of pudm sample)",
+        name="sample_steps",
+    )
+    grid_size: int = flag(
+        64,
+        "samples in RUN/samples.png (default 64)",
+        group="end-of-run sample grid (also the defaults of pudm sample)",
+    )
 
 
 def section_from_dict(kind: type, section: dict[str, Any]) -> Any:
@@ -215,7 +331,7 @@ class RunConfig(StoredConfig):
             )
         check_warm_start(train)
         horizon = self.model.num_train_timesteps
-        if not 0 <= train.pu_min_timestep <= horizon:
+        if train.method == "pu-bounded" and not 0 <= train.pu_min_timestep <= horizon:
             raise UsageError(f"--pu-min-timestep must be in [0, {horizon}], got {train.pu_min_timestep}")
         if train.filter_folds < 2:
             raise UsageError(f"--filter-folds must be >= 2, got {train.filter_folds}")

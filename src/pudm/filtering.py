@@ -247,7 +247,13 @@ REJECTOR = "rejector"
 
 class Rejector:
     """The filter's cross-fitted S-vs-U classifiers, used on samples: the fold models' mean
-    P(S | x) above the filter's cut on U means "sensitive, draw another"."""
+    P(S | x) above the filter's cut on U means "sensitive, draw another".
+
+    The cut is the (1 - beta) quantile of U's out-of-fold scores, each from the one model that did
+    not see the item (no ensemble score of U is out of fold), while a sample is scored by the mean
+    of all K models, whose upper tail is thinner: on U-like samples the share rejected is therefore
+    somewhat below beta. What it rejects is measured, not assumed (``rejected_share`` in eval.json).
+    """
 
     def __init__(self, models: list[torch.nn.Module], info: RejectorInfo):
         self.models = [model.eval() for model in models]
@@ -301,7 +307,7 @@ class Rejector:
                 model = build_classifier(info.arch, info.channels, 2, info.image_size)
                 model.load_state_dict(load_file(path / f"fold{index}.safetensors"))
                 models.append(model)
-        except (OSError, TypeError, KeyError, RuntimeError, ValueError) as error:
+        except Exception as error:  # noqa: BLE001 - a damaged folder gets one answer (safetensors' own errors too)
             raise runs.RunError(
                 f"{path} is not a readable rejector ({type(error).__name__}): delete it and train again "
                 "with --overwrite"
@@ -310,14 +316,17 @@ class Rejector:
 
 
 def sample_with_rejection(
-    draw, rejector: Rejector, num: int, seed: int, max_draws: int | None = None
+    draw, rejector: Rejector, num: int, seed: int, max_draws: int | None = None, allow_fewer: bool = False
 ) -> tuple[np.ndarray, dict]:
     """``num`` samples none of which ``rejector`` flags, and the share it rejected.
 
     ``draw(count, seed)`` returns ``count`` uint8 samples; round r draws with seed
     ``seed + 1_000_003 r``, enough for the acceptance rate seen so far, so the same call always
-    returns the same images. Stops with an error after ``max_draws`` (default 50 num) draws.
+    returns the same images. Stops with an error after ``max_draws`` (default 50 num) draws, or
+    with ``allow_fewer`` returns the (possibly fewer, possibly no) samples kept by then.
     """
+    if num <= 0:
+        raise UsageError(f"--num must be > 0, got {num}")
     max_draws = max_draws or 50 * num
     kept: list[np.ndarray] = []
     have = drawn = 0
@@ -327,6 +336,8 @@ def sample_with_rejection(
         need = num - have
         count = min(max_draws - drawn, math.ceil(need / max(acceptance, 0.02) * 1.05) + 4)
         if count <= 0:
+            if allow_fewer:
+                break
             raise UsageError(
                 f"the rejector called {drawn - have} of {drawn} samples sensitive and {have} of the {num} "
                 "wanted were kept: this model generates sensitive samples almost only; lower --num or "

@@ -38,6 +38,7 @@ from pudm.config import (
     StoredConfig,
     TrainConfig,
     check_warm_start,
+    flag,
     section_from_dict,
 )
 from pudm.errors import UsageError
@@ -63,46 +64,72 @@ class SDError(UsageError):
 class SDDataConfig:
     """The two image folders, their prompts and the training resolution."""
 
-    unlabeled: str = ""
-    sensitive: str | None = None
+    unlabeled: str = flag("", "folder of unlabeled images U (recursive)", group="data", type=Path)
+    sensitive: str | None = flag(
+        None, "folder of labeled sensitive images S (recursive)", group="data", type=Path
+    )
     # The caption of every image that metadata.jsonl does not caption.
-    unlabeled_prompt: str | None = None
-    sensitive_prompt: str | None = None
-    resolution: int = 512
-    strict: bool = False
+    unlabeled_prompt: str | None = flag(
+        None, "caption of U images that metadata.jsonl does not caption", group="data"
+    )
+    sensitive_prompt: str | None = flag(
+        None, "caption of S images that metadata.jsonl does not caption", group="data"
+    )
+    resolution: int = flag(512, "training size in pixels, resize + centre crop (512)", group="data")
+    strict: bool = flag(False, "stop at an unreadable image file", group="data", action="store_true")
     # name-and-size hashes of the folders: a resumed run refuses data that changed
     fingerprints: dict = field(default_factory=dict)
     num_unlabeled: int = 0
     num_sensitive: int = 0
     # None: batches drawn from the pooled U and S (the paper); k: exactly k S items per batch.
-    sensitive_per_batch: int | None = None
+    sensitive_per_batch: int | None = flag(None, "exactly K items of S per batch", group="data")
 
 
 @dataclass
 class SDModelConfig:
     """Which pipeline, and what of its UNet trains."""
 
-    pretrained: str = ""
+    pretrained: str = flag("", "local Stable Diffusion pipeline folder or hub id", group="data")
     # 0: full fine-tuning of the UNet; R > 0: LoRA adapters of rank R on the attention projections
-    lora_rank: int = 0
-    lora_alpha: float | None = None
+    lora_rank: int = flag(0, "train LoRA adapters of this rank (default 0: full UNet)", group="optimisation")
+    lora_alpha: float | None = flag(None, "LoRA alpha (default: the rank)", group="optimisation")
     lora_targets: tuple[str, ...] = LORA_TARGETS
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = flag(
+        False, "recompute activations: less memory", group="optimisation", action="store_true"
+    )
     # VAE posteriors and caption embeddings computed once before training
-    cache: bool = True
-    ema: bool = False
-    epochs: int | None = None
+    cache: bool = flag(
+        True,
+        "encode every image and caption once before training (default on; same results)",
+        group="optimisation",
+        action="optional_bool",
+    )
+    ema: bool = flag(False, "save EMA weights of what trains", group="optimisation", action="store_true")
+    epochs: int | None = flag(
+        None, "passes over U (+ S) instead of --steps (default 1000)", group="optimisation"
+    )
+
+
+_SD_GRID = "run folder"
 
 
 @dataclass
 class SDSampleConfig:
     """The end-of-run grid and the defaults of ``pudm sample`` for this run."""
 
-    sampler: str = "ddim"
-    steps: int = 50
-    guidance_scale: float = 7.5
-    prompts: tuple[str, ...] = ()
-    grid_size: int = 4
+    sampler: str = flag(
+        "ddim", "end-of-run samples and pudm sample (default ddim)", group=_SD_GRID, choices=SAMPLERS
+    )
+    steps: int = flag(50, "sampling steps (default 50 for ddim)", group=_SD_GRID, name="sample_steps")
+    guidance_scale: float = flag(7.5, "classifier-free guidance (default 7.5)", group=_SD_GRID)
+    prompts: tuple[str, ...] = flag(
+        (),
+        "prompt of the end-of-run grid; repeatable (default: U's)",
+        group=_SD_GRID,
+        name="sample_prompt",
+        action="append",
+    )
+    grid_size: int = flag(4, "images per prompt in samples.png (default 4; 0: none)", group=_SD_GRID)
 
 
 def sd_train_defaults() -> TrainConfig:
@@ -164,7 +191,7 @@ class SDRunConfig(StoredConfig):
         check_warm_start(train)
         if train.warm_start_steps < 0 or (model.epochs is None and train.warm_start_steps >= train.steps):
             raise SDError(f"--warm-start-steps must be in [0, --steps), got {train.warm_start_steps}")
-        if not 0 <= train.pu_min_timestep <= 1000:
+        if train.method == "pu-bounded" and not 0 <= train.pu_min_timestep <= 1000:
             raise SDError(f"--pu-min-timestep must be in [0, 1000], got {train.pu_min_timestep}")
         if not model.pretrained:
             raise SDError("--pretrained is required: a local Stable Diffusion folder or a hub id")

@@ -8,6 +8,7 @@ Logging, checkpoints and the sample grid happen per tick, outside the step.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import signal
 import threading
@@ -132,13 +133,24 @@ def folder_split(config: RunConfig, report=None) -> PUSplit:
     return PUSplit(unlabeled=parts["unlabeled"], sensitive=parts["sensitive"], test=parts.get("test", empty))
 
 
-def check_method_fits_data(method: str, split: PUSplit) -> None:
-    """``oracle`` needs the hidden truth of U, which only labeled sources have."""
+def check_method_fits_data(method: str, split: PUSplit, folds: int | None = None) -> None:
+    """``oracle`` needs the hidden truth of U, which only labeled sources have; the methods with a
+    cross-fitted S-vs-U classifier need S and enough items for ``folds`` folds. Checked before
+    anything is written."""
     if method == "oracle" and split.unlabeled_is_sensitive is None:
         raise UsageError(
             "method oracle needs the hidden labels of U, and this data has none: "
             "use unsupervised, supervised or pu"
         )
+    if method in ("filter", "weighted", "reject") and folds is not None:
+        if len(split.sensitive) == 0:
+            raise UsageError(f"method {method} needs labeled sensitive images (S is empty): add S")
+        # weighted folds S too; filter and reject fold U only
+        largest = (
+            min(len(split.unlabeled), len(split.sensitive)) if method == "weighted" else len(split.unlabeled)
+        )
+        if not 2 <= folds <= largest:
+            raise UsageError(f"--filter-folds must be in [2, {largest}] for method {method}, got {folds}")
 
 
 def _method_items(
@@ -774,11 +786,24 @@ class Trainer:
                 show_progress=False,
             )
 
+        images = None
         if self.rejector is not None:  # reject: the grid shows what pudm's sampler returns
             from pudm.filtering import sample_with_rejection
 
-            images, _ = sample_with_rejection(draw, self.rejector, cfg.sample.grid_size, cfg.train.seed)
-        else:
+            # A grid is no reason to fail a finished run: show what was kept (or, if nothing was,
+            # the unfiltered draws) and say so.
+            images, rejection = sample_with_rejection(
+                draw, self.rejector, cfg.sample.grid_size, cfg.train.seed, allow_fewer=True
+            )
+            if len(images) < cfg.sample.grid_size:
+                logging.getLogger("pudm").warning(
+                    "warning: the rejector kept %d of %d draws for samples.png%s",
+                    len(images),
+                    rejection["num_drawn"],
+                    "; the grid shows unfiltered samples" if not len(images) else "",
+                )
+                images = images if len(images) else None
+        if images is None:
             images = draw(cfg.sample.grid_size, cfg.train.seed)
         save_grid(images, self.run_dir / "samples.png")
         runs.atomic_write_json(
