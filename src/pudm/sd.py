@@ -44,7 +44,7 @@ from pudm.config import (
 from pudm.errors import UsageError
 from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
 from pudm.objectives import CORRECTIONS
-from pudm.training import Trainer, make_accelerator
+from pudm.training import Trainer, build_optimizer, make_accelerator
 
 SD_KIND = "sd"
 # pu-bounded works on latents as on pixels; weighted and reject need an S-vs-U image classifier,
@@ -337,26 +337,15 @@ HUB_FILES = [
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """A local folder for ``pretrained``: itself, or the hub snapshot (cached, else downloaded)."""
+    """A local folder for ``pretrained``: itself, or the hub snapshot (cached, else downloaded) by
+    the one hub resolver, :func:`pudm.models.hub_snapshot`."""
+    from pudm.models import hub_snapshot
+
     _check_pretrained(pretrained)
     if Path(pretrained).exists():
         return pretrained
-    from huggingface_hub import snapshot_download
-
     quiet_libraries()
-    try:
-        return snapshot_download(pretrained, allow_patterns=HUB_FILES, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not in the cache: download it
-        pass
-    try:
-        return snapshot_download(pretrained, allow_patterns=HUB_FILES)
-    except Exception as error:  # noqa: BLE001 - offline, unknown repo, gated repo
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise SDError(
-            f"--pretrained {pretrained} could not be downloaded ({type(error).__name__}: {reason}): "
-            f"download it where there is internet (huggingface-cli download {pretrained}) and pass the "
-            "local folder"
-        ) from None
+    return str(hub_snapshot(pretrained, HUB_FILES))
 
 
 def _loading(pretrained: str, what: str, load):
@@ -528,8 +517,6 @@ class SDTrainer(Trainer):
         }
 
     def _build(self) -> None:
-        from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
         cfg = self.config
         parts = self.parts or load_parts(cfg.model.pretrained)
         self.parts = None  # the trainer owns the modules from here on
@@ -559,15 +546,7 @@ class SDTrainer(Trainer):
         self.ema = (
             {name: p.detach().clone().float() for name, p in trainable.items()} if cfg.model.ema else None
         )
-        self.optimizer = torch.optim.AdamW(
-            trainable.values(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
-        )
-        if cfg.train.lr_schedule == "cosine":
-            self.lr_scheduler = get_cosine_schedule_with_warmup(
-                self.optimizer, cfg.train.warmup_steps, cfg.train.steps
-            )
-        else:
-            self.lr_scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.train.warmup_steps)
+        self.optimizer, self.lr_scheduler = build_optimizer(trainable.values(), cfg.train)
 
     @staticmethod
     def _named_trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

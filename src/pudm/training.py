@@ -317,6 +317,15 @@ def load_rejector(run_dir: Path):
     return Rejector.load(path) if (path / "config.json").is_file() else None
 
 
+def build_optimizer(parameters, train):
+    """AdamW and its learning-rate schedule (linear warm-up, then cosine or constant): the one
+    optimiser set-up of every trainer."""
+    optimizer = torch.optim.AdamW(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
+    if train.lr_schedule == "cosine":
+        return optimizer, get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, train.steps)
+    return optimizer, get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     ema_params = list(ema.parameters())
@@ -448,15 +457,7 @@ class Trainer:
                 self.unet = build_unet(cfg.model, image_size=image_size, channels=channels)
             self.noise_scheduler = build_noise_scheduler(cfg.model)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(
-            self.unet.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
-        )
-        if cfg.train.lr_schedule == "cosine":
-            self.lr_scheduler = get_cosine_schedule_with_warmup(
-                self.optimizer, cfg.train.warmup_steps, cfg.train.steps
-            )
-        else:
-            self.lr_scheduler = get_constant_schedule_with_warmup(self.optimizer, cfg.train.warmup_steps)
+        self.optimizer, self.lr_scheduler = build_optimizer(self.unet.parameters(), cfg.train)
 
     def _restore(self) -> int:
         """Load the last checkpoint into the freshly built state; return its step (0 if none)."""
