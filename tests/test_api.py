@@ -104,3 +104,37 @@ def test_the_library_is_silent_unless_logging_is_configured(tmp_path, capsys):
     pudm.sample(tmp_path / "run", num=4, steps=2, show_progress=False)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
+
+
+def test_settings_by_flag_name_match_the_flags_and_resume_checks_them(tmp_path):
+    config = pudm.preset(
+        "digits_even", method="pu", steps=2, batch_size=8, sample_steps=2, grid_size=4, lr=5e-4
+    )
+    assert (config.train.method, config.train.steps, config.sample.steps) == ("pu", 2, 2)
+    assert config.train.learning_rate == 5e-4  # the flag's name (--lr), not the field's
+    given = ["--method", "pu", "--steps", "2", "--batch-size", "8", "--sample-steps", "2", "--grid-size", "4"]
+    assert main(["train", "--out", str(tmp_path / "cli"), *given, "--lr", "5e-4", "--quiet"]) == 0
+    stored = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert stored == config.to_dict()
+    with pytest.raises(pudm.UsageError, match="unknown setting 'stepz'"):
+        pudm.preset("digits_even", stepz=3)
+    assert pudm.resume_config(tmp_path / "cli", method="pu", steps=2).to_dict() == stored
+    with pytest.raises(pudm.UsageError, match="was trained with --steps 2, not 3"):
+        pudm.resume_config(tmp_path / "cli", steps=3)
+    with pytest.raises(pudm.UsageError, match="not auto: drop --beta"):
+        pudm.resume_config(tmp_path / "cli", beta="auto")
+    with pytest.raises(pudm.UsageError, match="holds no run"):
+        pudm.resume_config(tmp_path / "nothing")
+
+
+def test_sd_config_applies_the_paper_defaults_that_follow_from_the_settings(tmp_path):
+    (tmp_path / "U").mkdir()
+    config = pudm.sd_config(
+        pretrained="some/hub-id", unlabeled=tmp_path / "U", method="unsupervised", sampler="dpm"
+    )
+    assert config.train.learning_rate == 1e-4 and config.sample.steps == 20 and config.model.epochs == 1000
+    assert config.data.unlabeled == str((tmp_path / "U").resolve())
+    pu = pudm.sd_config(pretrained="some/hub-id", unlabeled=str(tmp_path / "U"), sensitive=tmp_path, steps=5)
+    assert pu.train.learning_rate == 1e-5 and pu.model.epochs is None and pu.train.steps == 5
+    with pytest.raises(pudm.UsageError, match="give --steps or --epochs, not both"):
+        pudm.sd_config(pretrained="x", unlabeled=tmp_path, steps=5, epochs=2)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pudm import runs
-from pudm.config import BETA_METHODS, RunConfig, default_steps
+from pudm import flags, runs
+from pudm.config import AUTO, BETA_METHODS, SECTIONS, RunConfig, default_steps
 from pudm.config import preset as _config_preset
 from pudm.errors import UsageError
 
@@ -115,12 +115,27 @@ def preset(
     unlabeled: PathLike | None = None,
     sensitive: PathLike | None = None,
     test: PathLike | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    class_conditional: bool = False,
+    **settings,
 ) -> RunConfig:
-    """A fresh copy of a named preset (default ``digits_even``; ``folders`` when folders are given).
+    """A fresh copy of a named preset (default ``digits_even``; ``folders`` when folders are given),
+    with ``settings`` applied and checked.
 
-    Image folders: ``pudm.preset("folders", unlabeled="U/", sensitive="S/", test="T/")``; their
-    paths are stored absolute, so the run can be resumed from anywhere.
+    Args:
+        unlabeled, sensitive, test: image folders (``pudm.preset("folders", unlabeled="U/",
+            sensitive="S/")``), stored absolute so the run can be resumed from anywhere.
+        model: a UNet preset (``small``, ...) instead of the preset's; its prediction type stays.
+        pretrained: fine-tune this DDPM/DDIM pipeline (folder, pudm run or hub id): the model
+            section becomes the pipeline's UNet and the end-of-run grid DDIM 50, as the paper.
+        class_conditional: a UNet conditioned on the set each item came from (U: 0, S: 1).
+        settings: any setting by its flag's name, ``method="pu", steps=3000, beta=0.1,
+            sample_steps=20`` (``pudm train --help`` lists them).
     """
+    from pudm.models import model_preset
+    from pudm.training import SET_CLASSES
+
     folders = {"unlabeled_dir": unlabeled, "sensitive_dir": sensitive, "test_dir": test}
     given = {field: value for field, value in folders.items() if value is not None}
     config = _config_preset(name or ("folders" if given else "digits_even"))
@@ -132,13 +147,81 @@ def preset(
         )
     for field, value in given.items():
         setattr(config.data, field, str(Path(value).resolve()))
+    if model is not None:
+        prediction_type = config.model.prediction_type  # the preset's, unless a setting changes it
+        config.model = model_preset(model)
+        config.model.prediction_type = prediction_type
+    flags.apply(config, flags.flags_of(SECTIONS, "train"), settings)
+    if class_conditional:
+        config.model.num_classes = SET_CLASSES
+    pretrained = pretrained or config.model.pretrained
+    if pretrained:
+        _use_pretrained(config, pretrained, settings)
+    config.validate()
     return config
+
+
+def _use_pretrained(config: RunConfig, pretrained: str, settings: dict) -> None:
+    """Fine-tuning: the model section describes the pretrained UNet; DDIM 50 samples, as the paper."""
+    from pudm.models import pretrained_model_config
+
+    if Path(pretrained).exists():
+        pretrained = str(Path(pretrained).resolve())
+    wanted_classes = config.model.num_classes
+    config.model = pretrained_model_config(pretrained)
+    if wanted_classes and config.model.num_classes != wanted_classes:
+        raise UsageError(
+            f"--class-conditional: --pretrained {pretrained} has no class embedding for {wanted_classes} "
+            "classes: fine-tune it without --class-conditional"
+        )
+    if settings.get("prediction_type") not in (None, config.model.prediction_type):
+        raise UsageError(
+            f"--prediction-type: --pretrained {pretrained} predicts {config.model.prediction_type}: "
+            "drop the flag"
+        )
+    if settings.get("sampler") is None:
+        config.sample.sampler, config.sample.steps = "ddim", settings.get("sample_steps") or 50
 
 
 def _stored_config(out: Path) -> RunConfig:
     if not runs.holds_run(out):
         raise UsageError(f"--resume: {out} holds no run (no config.json): run without --resume")
     return RunConfig.from_dict(runs.read_json(out / runs.CONFIG))
+
+
+def resume_config(
+    out: PathLike,
+    *,
+    preset: str | None = None,
+    model: str | None = None,
+    pretrained: str | None = None,
+    **settings,
+) -> RunConfig:
+    """The config stored in the run ``out``; every setting given must repeat its stored value
+    (``beta="auto"`` only for a run that estimated its beta)."""
+    from pudm.models import model_preset
+
+    out = Path(out)
+    config = _stored_config(out)
+    if settings.get("beta") == AUTO:
+        if config.train.beta_estimate is None:
+            raise UsageError(
+                f"--resume: {out} was trained with --beta {config.train.beta}, not auto: drop --beta"
+            )
+        del settings["beta"]
+    flags.check_repeats(config, flags.flags_of(SECTIONS, "train"), settings, out)
+    if model is not None and model_preset(model).block_out_channels != config.model.block_out_channels:
+        raise UsageError(f"--resume: {out} was not trained with --model {model}: drop --model")
+    if pretrained is not None:
+        given = str(Path(pretrained).resolve()) if Path(pretrained).exists() else pretrained
+        if given != config.model.pretrained:
+            raise UsageError(
+                f"--resume: {out} was fine-tuned from {config.model.pretrained}, not {given}: "
+                "drop --pretrained"
+            )
+    if preset is not None and preset.lower() != config.preset.lower():
+        raise UsageError(f"--resume: {out} is a {config.preset} run, not {preset}: drop --preset")
+    return config
 
 
 def train(
@@ -223,6 +306,45 @@ def train(
     state.wait_for_everyone()
     Trainer(config, split, out, show_progress=show_progress).train(resume=resume)
     return Run(out)
+
+
+def sd_config(**settings):
+    """The paper's Stable Diffusion settings (``pudm.sd.SDRunConfig``) with ``settings`` applied
+    by their flags' names (``unlabeled="U/", sensitive="S/", lora_rank=4, steps=100``), and the
+    defaults that follow from them: lr 1e-5 for pu and 1e-4 otherwise, the sampler's own step
+    count, 1000 epochs unless ``steps`` or ``epochs`` is given."""
+    from pudm.sd import SD_SECTIONS, SDRunConfig, default_learning_rate
+
+    if settings.get("steps") is not None and settings.get("epochs") is not None:
+        raise UsageError("give --steps or --epochs, not both")
+    config = SDRunConfig()
+    flags.apply(config, flags.flags_of(SD_SECTIONS, "sd"), settings)
+    if settings.get("lr") is None:
+        config.train.learning_rate = default_learning_rate(config.train.method)
+    if settings.get("sampler") is not None and settings.get("sample_steps") is None:
+        config.sample.steps = default_steps(settings["sampler"])
+    if settings.get("steps") is None and settings.get("epochs") is None:
+        config.model.epochs = 1000  # the paper's 1000 epochs
+    if config.model.pretrained and Path(config.model.pretrained).exists():
+        config.model.pretrained = str(Path(config.model.pretrained).resolve())
+    if config.train.method == "unsupervised":
+        config.data.sensitive, config.data.sensitive_prompt = None, None
+    config.validate()
+    return config
+
+
+def sd_resume_config(out: PathLike, **settings):
+    """The settings stored in the Stable Diffusion run ``out``; a setting given must repeat them."""
+    from pudm.sd import SD_SECTIONS, is_sd_run, load_run_config
+
+    out = Path(out)
+    if not is_sd_run(out):
+        raise UsageError(f"--resume: {out} holds no pudm sd run (no config.json of one): drop --resume")
+    config = load_run_config(out)
+    if settings.get("pretrained") is not None and Path(settings["pretrained"]).exists():
+        settings["pretrained"] = str(Path(settings["pretrained"]).resolve())
+    flags.check_repeats(config, flags.flags_of(SD_SECTIONS, "sd"), settings, out)
+    return config
 
 
 def train_sd(

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from pudm import runs
 from pudm.classifier import Classifier, train_for_config
-from pudm.config import BETA_METHODS, TRAIN_METHODS, RunConfig, default_steps, preset
+from pudm.config import BETA_METHODS, SAMPLERS, TRAIN_METHODS, RunConfig, default_steps, flag, preset
 from pudm.errors import UsageError
 from pudm.evaluation import EVAL, FID_CLASSIFIER, FID_PIXELS, check_classifier, evaluate_run
+from pudm.flags import beta_value, csv
 
 _LOG = logging.getLogger("pudm")
 RESULTS = "results.json"
@@ -420,3 +421,49 @@ FULL = {
     "num": 1000,
 }
 QUICK = {"methods": ["unsupervised", "pu", "filter"], "seeds": [0], "steps": 1500, "num": 500}
+_GROUP = "benchmark"
+
+
+@dataclass
+class BenchmarkOptions:
+    """The options of ``pudm benchmark`` and ``pudm demo``; None: the mode's default (FULL, QUICK)
+    or the preset's. The keywords of :func:`run_benchmark`."""
+
+    preset_name: str = flag(
+        "digits_even", "named settings (default digits_even)", group=_GROUP, name="preset"
+    )
+    methods: list | None = flag(None, "comma-separated methods", group=_GROUP, type=csv(str, "--methods"))
+    seeds: list | None = flag(None, "comma-separated training seeds", group=_GROUP, type=csv(int, "--seeds"))
+    betas: list | None = flag(
+        None,
+        "beta sweep for pu/filter, e.g. 0.05,0.1,0.2,0.3; auto: estimated from U and S",
+        group=_GROUP,
+        type=csv(beta_value, "--betas"),
+    )
+    steps: int | None = flag(None, "training steps per cell (default: the preset's)", group=_GROUP)
+    learning_rate: float | None = flag(
+        None, "learning rate of every cell (default: the preset's)", group=_GROUP, name="lr"
+    )
+    data_dir: str | None = flag(None, "where the paper data sets' files are", group=_GROUP, type=Path)
+    pretrained: str | None = flag(
+        None,
+        "every cell fine-tunes this pipeline (folder, pudm run or hub id); a pudm run is also "
+        "evaluated, as the row before fine-tuning",
+        group=_GROUP,
+    )
+    num: int | None = flag(None, "samples per cell to evaluate", group=_GROUP)
+    classifier_path: str | None = flag(
+        None, "evaluation classifier folder (default: train one)", group=_GROUP, name="classifier", type=Path
+    )
+    sampler: str | None = flag(
+        None, "sampler for evaluation (default: the preset's)", group=_GROUP, choices=SAMPLERS
+    )
+    sample_steps: int | None = flag(None, "sampling steps for evaluation", group=_GROUP)
+
+    def with_defaults(self, quick: bool) -> dict:
+        """The keywords of :func:`run_benchmark`, each None filled from FULL or QUICK."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for name, value in (QUICK if quick else FULL).items():
+            if values[name] is None:
+                values[name] = value
+        return values

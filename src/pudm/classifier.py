@@ -228,6 +228,22 @@ class ClassifierInfo:
             return f"normal classes {list(self.normal_classes)} (the data has {list(normal_classes)})"
         return None
 
+    def describe(self) -> list[str]:
+        """What ``pudm classifier train`` prints: held-out accuracy, recall and per-class recall."""
+        recall = (
+            f", sensitive recall {self.heldout_sensitive_recall:.3f}"
+            if self.heldout_sensitive_recall is not None
+            else ""
+        )
+        lines = [
+            f"classifier {self.arch} for {self.preset}: held-out accuracy {self.heldout_accuracy:.3f} "
+            f"(normal vs sensitive {self.heldout_normal_accuracy:.3f}{recall}) on {self.num_heldout} images"
+        ]
+        if self.heldout_class_recall:
+            recalls = ", ".join(f"{c}: {r:.3f}" for c, r in enumerate(self.heldout_class_recall))
+            lines.append(f"per-class recall: {recalls}")
+        return lines
+
 
 class Classifier:
     """A trained classifier with its description: predicts classes and gives features of uint8 images."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from pudm.datasets import SOURCES
 from pudm.errors import UsageError
+from pudm.flags import AUTO  # noqa: F401  (--beta auto: estimate beta from U and S first)
 from pudm.objectives import CORRECTIONS
 
 TRAIN_METHODS = ("unsupervised", "supervised", "pu", "filter", "oracle", "pu-bounded", "weighted", "reject")
@@ -269,6 +270,10 @@ class StoredConfig:
     def normalize(cls, values: dict[str, Any]) -> dict[str, Any]:
         """A stored config.json as this version writes it (fields added since take their default)."""
         return cls.from_dict(values).to_dict()
+
+
+# The sections of a run's config, by the name its JSON and the flags give them.
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
 
 
 @dataclass

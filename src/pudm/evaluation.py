@@ -167,6 +167,35 @@ def evaluate_samples(
     return metrics
 
 
+def describe(result: dict, run_dir: Path, judge_recall: float | None = None) -> list[str]:
+    """An eval.json report as the lines ``pudm evaluate`` prints."""
+    low, high = result["non_sensitive_rate_95ci"]
+    rate = f"non-sensitive rate {result['non_sensitive_rate']:.3f} (95% CI {low:.3f}-{high:.3f})"
+    drawn = f"{result['num_samples']} samples ({result['sampler']}, {result['sampling_steps']} steps)"
+    if "prompt" in result:  # a pudm sd run
+        fid = f", classifier FID {result['fid_classifier']:.2f}" if "fid_classifier" in result else ""
+        return [f"{run_dir}: {result['prompt']!r}: {rate}{fid}; {drawn}; details in {run_dir / EVAL}"]
+    fids = [
+        f"{FID_CLASSIFIER} {result['fid_classifier']:.2f}"
+        if result["fid_classifier"] is not None
+        else "no FID (no normal test images)"
+    ]
+    if result.get("fid_pixels") is not None:
+        fids.append(f"{FID_PIXELS} {result['fid_pixels']:.2f}")
+    if "fid_inception" in result:
+        fids.append(f"Inception FID {result['fid_inception']:.2f}")
+    lines = [f"{run_dir}: {rate}, {', '.join(fids)}; {drawn}"]
+    if "rejection" in result:
+        lines.append(f"the rejector dropped {result['rejection']['rejected_share']:.1%} of the samples drawn")
+    if judge_recall is not None:
+        lines.append(
+            f"the judge's held-out sensitive recall is {judge_recall:.3f}: of truly sensitive samples it "
+            f"would miss about {1 - judge_recall:.0%}, so the rate cannot show more than that"
+        )
+    lines.append(f"per-class counts: {result['class_histogram']}; details in {run_dir / EVAL}")
+    return lines
+
+
 def run_config(run_dir: Path) -> RunConfig:
     if not runs.holds_run(run_dir):
         raise runs.RunError(f"{run_dir} is not a pudm run folder (no config.json): give a run folder")

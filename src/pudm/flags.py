@@ -12,7 +12,32 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from pudm.errors import UsageError
+
 _TYPES = {"int": int, "float": float, "str": str}
+AUTO = "auto"  # --beta auto (pudm.config.AUTO)
+
+
+def beta_value(text: str) -> float | str:
+    """``--beta``: a number, or auto."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--beta takes a number in [0, 1) or auto, got {text!r}") from None
+
+
+def csv(kind, flag: str):
+    """A comma-separated list of ``kind`` values."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated values, got {text!r}") from None
+
+    return parse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,22 +110,51 @@ def add(parser: argparse.ArgumentParser, flags: list[Flag], groups: dict[str, An
     return groups
 
 
-def given(args: argparse.Namespace, flags: list[Flag]) -> list[tuple[Flag, Any]]:
-    """The flags the user gave, with their values as the config stores them."""
-    out = []
-    for flag in flags:
-        value = getattr(args, flag.name, None)
-        if value is None:
-            continue
-        if isinstance(value, Path):
-            value = str(value.resolve())  # the run can be resumed from anywhere
-        elif isinstance(value, list):
-            value = tuple(value)
-        out.append((flag, value))
-    return out
+def given(args: argparse.Namespace, flags: list[Flag]) -> dict[str, Any]:
+    """The flags the user gave, ``{name: value}``: the settings :func:`apply` takes."""
+    return {
+        flag.name: getattr(args, flag.name) for flag in flags if getattr(args, flag.name, None) is not None
+    }
 
 
-def apply(config: Any, values: list[tuple[Flag, Any]]) -> None:
-    """Set every given flag's field."""
-    for flag, value in values:
+def given_fields(args: argparse.Namespace, flags: list[Flag]) -> dict[str, Any]:
+    """The flags the user gave, ``{field: value}``."""
+    return {
+        flag.field: getattr(args, flag.name) for flag in flags if getattr(args, flag.name, None) is not None
+    }
+
+
+def _stored(flag: Flag, value: Any) -> Any:
+    """A value as the config stores it: paths absolute (the run can be resumed from anywhere)."""
+    if isinstance(value, Path) or (flag.argparse.get("type") is Path and isinstance(value, str)):
+        return str(Path(value).resolve())
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _by_name(flags: list[Flag], settings: dict[str, Any]) -> list[tuple[Flag, Any]]:
+    known = {flag.name: flag for flag in flags}
+    unknown = [name for name in settings if name not in known]
+    if unknown:
+        raise UsageError(
+            f"unknown setting {unknown[0]!r}: use one of {', '.join(sorted(known))} (the flags' names)"
+        )
+    return [(known[name], _stored(known[name], value)) for name, value in settings.items()]
+
+
+def apply(config: Any, flags: list[Flag], settings: dict[str, Any]) -> None:
+    """Set the field of every setting ``{flag name: value}`` (``steps=3000``, ``sample_steps=20``)."""
+    for flag, value in _by_name(flags, settings):
         setattr(getattr(config, flag.section), flag.field, value)
+
+
+def check_repeats(config: Any, flags: list[Flag], settings: dict[str, Any], out: Path) -> None:
+    """Resuming: every setting given again must repeat the value stored in the run ``out``."""
+    for flag, value in _by_name(flags, settings):
+        stored = getattr(getattr(config, flag.section), flag.field)
+        if stored != value:
+            raise UsageError(
+                f"--resume: {out} was trained with {flag.option} {stored}, not {value}: "
+                "drop the flag to resume, or start a new run with --overwrite"
+            )

@@ -105,6 +105,17 @@ def save_grid(images: np.ndarray, path: Path, columns: int | None = None, scale:
     save_png(make_grid(images, columns), path, scale)
 
 
+def save_samples(images: np.ndarray, path: Path, scale: int = 4) -> None:
+    """uint8 images (N, H, W, C) to ``FILE.png`` (a grid) or ``FILE.npz`` (key ``images``), atomically."""
+    path = Path(path)
+    if path.suffix == ".png":
+        save_grid(images, path, scale=scale)
+        return
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, images=images)
+    tmp.replace(path)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Float images in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C), as :func:`generate` returns."""
     scaled = ((images.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255)

@@ -230,6 +230,10 @@ class SDRunConfig(StoredConfig):
             raise SDError(f"--grid-size must be >= 0, got {sample.grid_size}")
 
 
+# The sections of a Stable Diffusion run's config, by the name its JSON and the flags give them.
+SD_SECTIONS = {"data": SDDataConfig, "model": SDModelConfig, "train": TrainConfig, "sample": SDSampleConfig}
+
+
 def is_sd_run(run_dir: Path) -> bool:
     path = Path(run_dir) / runs.CONFIG
     if not path.is_file():
