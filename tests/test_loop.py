@@ -205,6 +205,23 @@ def test_resume_with_another_process_count_is_refused(tmp_path, capsys):
 # -- EMA -------------------------------------------------------------------------------------------
 
 
+def test_one_ema_for_every_model_copies_what_trains_and_shares_what_is_frozen():
+    """A LoRA-style model (a frozen base, small trainable parts): the EMA holds the base once."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    model[0].requires_grad_(False)
+    ema = training.make_ema(model)
+    assert ema[0].weight is model[0].weight and ema[0].bias is model[0].bias
+    assert ema[1].weight is not model[1].weight and not ema[1].weight.requires_grad
+    frozen_before = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[1].weight.fill_(1.0)
+        ema[1].weight.fill_(0.0)
+    training.update_ema(ema, model, 0.75, training.trainable_names(model))
+    torch.testing.assert_close(ema[1].weight, torch.full((3, 3), 0.25))
+    assert torch.equal(model[0].weight, frozen_before)
+    assert training.trainable_names(model) == ["1.weight", "1.bias"]
+
+
 def test_ema_moves_toward_the_weights_as_the_decay_says():
     config = _tiny_config()
     trainer = Trainer(config, split_from_config(config), "unused", show_progress=False)

@@ -44,7 +44,7 @@ from pudm.config import (
 from pudm.errors import UsageError
 from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
 from pudm.objectives import CORRECTIONS
-from pudm.training import Trainer, build_optimizer, make_accelerator
+from pudm.training import Trainer
 
 SD_KIND = "sd"
 # pu-bounded works on latents as on pixels; weighted and reject need an S-vs-U image classifier,
@@ -491,26 +491,17 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 # -- training ----------------------------------------------------------------------------------
 
 
-class SDTrainer(Trainer):
-    """:class:`pudm.training.Trainer` on a Stable Diffusion UNet: same step, other batches and saves."""
+class LatentTask:
+    """What the loop trains for Stable Diffusion: the pipeline's UNet (full or LoRA adapters) on
+    VAE latents of U and S with their caption embeddings; the text encoder and VAE stay frozen.
+    Saves a pipeline folder or a LoRA file, and a grid per prompt (:class:`pudm.training.Trainer`
+    does the rest)."""
 
-    def __init__(
-        self,
-        config: SDRunConfig,
-        data: TextImageData,
-        run_dir: Path,
-        accelerator=None,
-        show_progress: bool = True,
-        parts: SDParts | None = None,
-    ):
-        config.validate()
-        self.config = config
-        self.data = data
-        self.parts = parts
-        self.run_dir = Path(run_dir)
-        self.accelerator = accelerator or make_accelerator(config.train.mixed_precision)
-        self.show_progress = show_progress
-        self.last_metrics: dict[str, float] = {}
+    pool_weights = None  # weighted (per-item weights) is not offered on latents
+
+    def __init__(self, config: SDRunConfig, data: TextImageData, parts: SDParts | None = None):
+        self.config, self.data, self.parts = config, data, parts
+        self.ema = config.model.ema
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -520,16 +511,17 @@ class SDTrainer(Trainer):
             "skipped_files": [str(path) for path, _ in self.data.skipped()],
         }
 
-    def _build(self) -> None:
+    def build(self, accelerator):
+        """The UNet (with LoRA adapters when asked) and the pipeline's noise schedule; the frozen
+        VAE and text encoder move to the device in the autocast dtype."""
         cfg = self.config
         parts = self.parts or load_parts(cfg.model.pretrained)
         self.parts = None  # the trainer owns the modules from here on
-        device = self.accelerator.device
+        device = accelerator.device
         weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
         self.vae = parts.vae.requires_grad_(False).eval().to(device, dtype=weight_dtype)
         self.text_encoder = parts.text_encoder.requires_grad_(False).eval().to(device, dtype=weight_dtype)
         self.tokenizer = parts.tokenizer
-        self.noise_scheduler = parts.noise_scheduler
         unet = parts.unet
         if cfg.lora:
             # The frozen base in the autocast dtype, the adapters in float32 (as diffusers' LoRA
@@ -545,65 +537,13 @@ class SDTrainer(Trainer):
             unet.to(device).requires_grad_(True)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        self.unet = unet
-        trainable = self._named_trainable(unet)
-        self.ema = (
-            {name: p.detach().clone().float() for name, p in trainable.items()} if cfg.model.ema else None
-        )
-        self.optimizer, self.lr_scheduler = build_optimizer(trainable.values(), cfg.train)
+        return unet, parts.noise_scheduler
 
-    @staticmethod
-    def _named_trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in unet.named_parameters() if p.requires_grad}
+    def prepare(self, accelerator, run_dir: Path) -> None:
+        """Nothing to set up before the loop: the latents are drawn (or cached) in :meth:`batches`."""
 
-    def _config_matches(self, stored: dict) -> bool:
-        try:
-            return SDRunConfig.normalize(stored) == self.config.to_dict()
-        except SDError:
-            return False
-
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        return self._named_trainable(self.accelerator.unwrap_model(self.unet))
-
-    def _ema_state(self) -> dict[str, torch.Tensor]:
-        return self.ema or {}
-
-    def _load_states(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
-        trainable = self._named_trainable(self.unet)
-        if set(model) != set(trainable) or (self.ema is not None and set(ema) != set(trainable)):
-            raise runs.RunError(
-                f"the checkpoints in {self.run_dir} do not fit this model: start again with --overwrite"
-            )
-        with torch.no_grad():
-            for name, parameter in trainable.items():
-                parameter.copy_(model[name])
-            if self.ema is not None:
-                for name, tensor in self.ema.items():
-                    tensor.copy_(ema[name])
-
-    def _update_ema(self, step: int) -> None:
-        if self.ema is None:
-            return
-        from pudm.training import ema_decay_at
-
-        decay = ema_decay_at(step, self.config.train.ema_decay)
-        current = self._named_trainable(self.accelerator.unwrap_model(self.unet))
-        names = list(self.ema)
-        with torch.no_grad():
-            torch._foreach_lerp_(
-                [self.ema[n] for n in names], [current[n].detach().float() for n in names], 1 - decay
-            )
-
-    def _trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self._named_trainable(self.accelerator.unwrap_model(self.unet)).values())
-
-    def _prepare(self) -> None:
-        self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
-        if self.ema is not None:
-            self.ema = {name: tensor.to(self.accelerator.device) for name, tensor in self.ema.items()}
-
-    def _batches(self):
-        cfg, data, accelerator = self.config, self.data, self.accelerator
+    def batches(self, accelerator):
+        cfg, data = self.config, self.data
         device = accelerator.device
         rank, world_size = accelerator.process_index, accelerator.num_processes
         uses_sensitive = cfg.train.method != "unsupervised"
@@ -655,27 +595,25 @@ class SDTrainer(Trainer):
 
         return fetch, num_unlabeled, num_sensitive, cfg.train.method
 
-    def _finish(self) -> None:
-        """The final (EMA) weights as a pipeline folder or a LoRA file, a sample grid, summary.json."""
-        cfg = self.config
-        unet = copy.deepcopy(self.accelerator.unwrap_model(self.unet)).to("cpu")
-        if self.ema is not None:
-            trainable = self._named_trainable(unet)
-            with torch.no_grad():
-                for name, tensor in self.ema.items():
-                    trainable[name].copy_(tensor.to(trainable[name].dtype))
+    def finish(self, trainer: Trainer) -> None:
+        """The final (EMA) weights as a pipeline folder or a LoRA file, and a sample grid."""
+        cfg, run_dir = self.config, trainer.run_dir
+        unet = copy.deepcopy(
+            trainer.ema if trainer.ema is not None else trainer.accelerator.unwrap_model(trainer.unet)
+        )
+        unet = unet.to("cpu")
         if cfg.model.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         if cfg.lora:
-            runs.atomic_write_dir(self.run_dir / LORA_DIR, lambda tmp: save_lora(unet, tmp))
+            runs.atomic_write_dir(run_dir / LORA_DIR, lambda tmp: save_lora(unet, tmp))
         else:
             runs.atomic_write_dir(
-                self.run_dir / "pipeline", lambda tmp: save_full_pipeline(cfg.model.pretrained, unet, tmp)
+                run_dir / "pipeline", lambda tmp: save_full_pipeline(cfg.model.pretrained, unet, tmp)
             )
         if cfg.sample.grid_size:
             from pudm.sampling import save_grid
 
-            pipeline = load_run_pipeline(self.run_dir, device=self.accelerator.device)
+            pipeline = load_run_pipeline(run_dir, device=trainer.accelerator.device)
             prompts = list(cfg.sample.prompts) or [self.data.captions[int(self.data.unlabeled_caption[0])]]
             images = np.concatenate(
                 [
@@ -692,11 +630,29 @@ class SDTrainer(Trainer):
                     for prompt in prompts
                 ]
             )
-            save_grid(images, self.run_dir / "samples.png", columns=cfg.sample.grid_size, scale=1)
-        runs.atomic_write_json(
-            self.run_dir / runs.SUMMARY,
-            {"steps": cfg.train.steps, "final_metrics": self.last_metrics, "data": self.summary()},
+            save_grid(images, run_dir / "samples.png", columns=cfg.sample.grid_size, scale=1)
+
+
+class SDTrainer(Trainer):
+    """The loop with a :class:`LatentTask`: ``SDTrainer(config, data, run_dir)`` is
+    ``Trainer(config, None, run_dir, task=LatentTask(config, data))``."""
+
+    def __init__(
+        self,
+        config: SDRunConfig,
+        data: TextImageData,
+        run_dir: Path,
+        accelerator=None,
+        show_progress: bool = True,
+        parts: SDParts | None = None,
+    ):
+        super().__init__(
+            config, None, run_dir, accelerator, show_progress, task=LatentTask(config, data, parts)
         )
+
+    @property
+    def vae(self):
+        return self.task.vae
 
 
 def save_lora(unet: torch.nn.Module, folder: Path) -> None:

@@ -326,11 +326,27 @@ def build_optimizer(parameters, train):
     return optimizer, get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
 
 
+def make_ema(model: torch.nn.Module) -> torch.nn.Module:
+    """The EMA of ``model``: a frozen copy in which only the trainable parameters are copied; the
+    frozen ones (a LoRA model's base) are shared with the model, not held twice."""
+    shared = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return copy.deepcopy(model, memo=shared).requires_grad_(False)
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_params = list(ema.parameters())
-    model_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+def update_ema(
+    ema: torch.nn.Module, model: torch.nn.Module, decay: float, names: list[str] | None = None
+) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over ``names`` (default: every parameter)."""
+    ema_params, model_params = dict(ema.named_parameters()), dict(model.named_parameters())
+    names = list(model_params) if names is None else names
+    torch._foreach_lerp_(
+        [ema_params[n] for n in names], [model_params[n].detach() for n in names], 1.0 - decay
+    )
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -416,48 +432,158 @@ class TrainResult:
     final_metrics: dict[str, float]
 
 
+class PixelTask:
+    """What the loop trains for the paper's models: a pixel-space UNet (new or pretrained) on a
+    :class:`PUSplit`, its batches, and what is saved at the end (pipeline, grid, summary).
+
+    A task is the part of a run that depends on the model: ``build`` (the model and its noise
+    schedule), ``prepare`` (data set-up before the loop), ``batches`` (what a step draws),
+    ``finish`` (what is saved) and ``summary``. :class:`Trainer` does everything else;
+    :class:`pudm.sd.LatentTask` is the Stable Diffusion task.
+    """
+
+    ema = True  # the paper's models always keep an EMA of their weights
+
+    def __init__(self, config: RunConfig, split: PUSplit):
+        self.config, self.split = config, split
+        self.keep = self.unlabeled_weights = self.rejector = self.pool_weights = None
+
+    def build(self, accelerator: Accelerator):
+        """The UNet and its training noise schedule."""
+        cfg = self.config
+        if cfg.model.pretrained:
+            # Fine-tuning: the pretrained UNet and the pipeline's own noise schedule.
+            return load_pretrained(cfg.model.pretrained)
+        channels, image_size = self.split.image_shape[0], self.split.image_shape[-1]
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
+            torch.manual_seed(cfg.train.seed)
+            unet = build_unet(cfg.model, image_size=image_size, channels=channels)
+        return unet, build_noise_scheduler(cfg.model)
+
+    def prepare(self, accelerator: Accelerator, run_dir: Path) -> None:
+        """filter's mask, weighted's weights, reject's rejector: every process computes the same
+        seeded result; the main process writes it into the run folder."""
+        cfg, split, write = self.config, self.split, accelerator.is_main_process
+        if cfg.train.method == "filter":
+            self.keep = filter_keep(cfg, split, run_dir, write=write)
+        elif cfg.train.method == "weighted":
+            self.unlabeled_weights = weighted_weights(cfg, split, run_dir, write=write)
+        elif cfg.train.method == "reject":
+            self.rejector = run_rejector(cfg, split, run_dir, write=write)
+
+    def batches(self, accelerator: Accelerator):
+        """What the loop draws from: ``(fetch, num_unlabeled, num_sensitive, objective method)``.
+
+        ``fetch(index, step)`` turns the step's pool indices into ``(clean, is_sensitive,
+        conditioning)`` on the device; ``conditioning`` is None for an unconditional UNet.
+        ``self.pool_weights``: ``weighted``'s per-item weights over the pool (None otherwise).
+        """
+        train, device = self.config.train, accelerator.device
+        pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(
+            self.split, train.method, self.keep
+        )
+        pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
+        if self.unlabeled_weights is not None:
+            self.pool_weights = self.unlabeled_weights.to(device)  # the pool is U, in order
+        if self.config.model.num_classes:
+            # Class-conditional UNet: each item is conditioned on the set it was drawn from (U's
+            # label or S's), never on its hidden class.
+            labels = torch.where(pool_is_sensitive, SENSITIVE_LABEL, UNLABELED_LABEL).long()
+
+            def fetch(index: torch.Tensor, step: int):
+                return pool[index], pool_is_sensitive[index], {"class_labels": labels[index]}
+
+        else:
+
+            def fetch(index: torch.Tensor, step: int):
+                return pool[index], pool_is_sensitive[index], None
+
+        method = "unsupervised" if train.method in ("oracle", "filter", "reject") else train.method
+        return fetch, num_unlabeled, num_sensitive, method
+
+    def summary(self) -> dict:
+        return self.split.summary()
+
+    def finish(self, trainer: Trainer) -> None:
+        """The final EMA weights as a diffusers pipeline, and the sample grid."""
+        cfg, ema = self.config, trainer.ema
+        training_schedule = DDPMScheduler.from_config(trainer.noise_scheduler.config)
+        # Saved from a CPU copy; sampled where the EMA already lives (the accelerator's device):
+        # the other processes wait at a barrier meanwhile, and a large UNet sampled on the CPU
+        # could outlast its timeout.
+        ema.eval()
+        runs.atomic_write_dir(
+            trainer.run_dir / "pipeline",
+            lambda tmp: save_pipeline(copy.deepcopy(ema).to("cpu"), training_schedule, tmp),
+        )
+
+        def draw(count: int, seed: int):
+            return generate(
+                ema,
+                training_schedule.config,
+                class_labels=grid_labels(cfg, count),
+                num=count,
+                sampler=cfg.sample.sampler,
+                steps=cfg.sample.steps,
+                seed=seed,
+                show_progress=False,
+            )
+
+        images = None
+        if self.rejector is not None:  # reject: the grid shows what pudm's sampler returns
+            from pudm.filtering import sample_with_rejection
+
+            # A grid is no reason to fail a finished run: show what was kept (or, if nothing was,
+            # the unfiltered draws) and say so.
+            images, rejection = sample_with_rejection(
+                draw, self.rejector, cfg.sample.grid_size, cfg.train.seed, allow_fewer=True
+            )
+            if len(images) < cfg.sample.grid_size:
+                logging.getLogger("pudm").warning(
+                    "warning: the rejector kept %d of %d draws for samples.png%s",
+                    len(images),
+                    rejection["num_drawn"],
+                    "; the grid shows unfiltered samples" if not len(images) else "",
+                )
+                images = images if len(images) else None
+        if images is None:
+            images = draw(cfg.sample.grid_size, cfg.train.seed)
+        save_grid(images, trainer.run_dir / "samples.png")
+
+
 class Trainer:
-    """Trains one run into ``run_dir`` from a resolved :class:`RunConfig` and a :class:`PUSplit`.
+    """Trains one run into ``run_dir``: the loop, for any model a task describes.
 
-    ``train()`` builds the UNet, its EMA copy, AdamW and the learning-rate schedule, optionally
-    restores them from the last checkpoint, runs the loop, and writes the final pipeline and grid.
+    ``train()`` builds the task's model, its EMA, AdamW and the learning-rate schedule, optionally
+    restores them from the last checkpoint, runs the loop, and lets the task save what it makes.
     SIGINT/SIGTERM stop the loop between two steps with a checkpoint of the last complete step.
-
-    The loop is shared with other models (:class:`pudm.sd.SDTrainer`): a subclass overrides the
-    hooks ``_build``, ``_batches``, ``_trainable_parameters``, ``_update_ema``, the state hooks
-    and ``_finish``; the step itself (objective, non-finite guard, logging, checkpoints, stops)
-    stays here.
+    The task (default :class:`PixelTask` over ``split``; :class:`pudm.sd.LatentTask` for Stable
+    Diffusion) says what a batch is, what trains and what is saved; the step itself (objective,
+    non-finite guard, logging, checkpoints, stops) is here, in :meth:`_step`.
     """
 
     def __init__(
         self,
         config: RunConfig,
-        split: PUSplit,
+        split: PUSplit | None,
         run_dir: Path,
         accelerator: Accelerator | None = None,
         show_progress: bool = True,
+        task=None,
     ):
         config.validate()
         self.config = config
-        self.split = split
+        self.task = task or PixelTask(config, split)
         self.run_dir = Path(run_dir)
         self.accelerator = accelerator or make_accelerator(config.train.mixed_precision)
         self.show_progress = show_progress
         self.last_metrics: dict[str, float] = {}
 
     def _build(self) -> None:
-        cfg = self.config
-        channels, image_size = self.split.image_shape[0], self.split.image_shape[-1]
-        if cfg.model.pretrained:
-            # Fine-tuning: the pretrained UNet and the pipeline's own noise schedule.
-            self.unet, self.noise_scheduler = load_pretrained(cfg.model.pretrained)
-        else:
-            with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
-                torch.manual_seed(cfg.train.seed)
-                self.unet = build_unet(cfg.model, image_size=image_size, channels=channels)
-            self.noise_scheduler = build_noise_scheduler(cfg.model)
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
-        self.optimizer, self.lr_scheduler = build_optimizer(self.unet.parameters(), cfg.train)
+        self.unet, self.noise_scheduler = self.task.build(self.accelerator)
+        self.trainable = trainable_names(self.unet)
+        self.ema = make_ema(self.unet) if self.task.ema else None
+        self.optimizer, self.lr_scheduler = build_optimizer(self._trainable_parameters(), self.config.train)
 
     def _restore(self) -> int:
         """Load the last checkpoint into the freshly built state; return its step (0 if none)."""
@@ -496,73 +622,53 @@ class Trainer:
             runs.truncate_metrics(self.run_dir / "metrics.jsonl", step)
         return step
 
-    # -- hooks a subclass overrides for another model -------------------------------------------
-
     def _config_matches(self, stored: dict) -> bool:
-        return RunConfig.normalize(stored) == self.config.to_dict()
+        try:
+            return type(self.config).normalize(stored) == self.config.to_dict()
+        except UsageError:  # another kind of run's config
+            return False
+
+    def _named_trainable(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        parameters = dict(model.named_parameters())
+        return {name: parameters[name] for name in self.trainable}
 
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return list(self._named_trainable(self.accelerator.unwrap_model(self.unet)).values())
 
     def _model_state(self) -> dict[str, torch.Tensor]:
-        return self.accelerator.unwrap_model(self.unet).state_dict()
+        """What a checkpoint keeps of the model: its trainable parameters."""
+        return self._named_trainable(self.accelerator.unwrap_model(self.unet))
 
     def _ema_state(self) -> dict[str, torch.Tensor]:
-        return self.ema.state_dict()
+        return self._named_trainable(self.ema) if self.ema is not None else {}
 
     def _load_states(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
-        self.unet.load_state_dict(model)
-        self.ema.load_state_dict(ema)
+        trainable = self._named_trainable(self.unet)
+        if set(model) != set(trainable) or (self.ema is not None and set(ema) != set(trainable)):
+            raise runs.RunError(
+                f"the checkpoints in {self.run_dir} do not fit this model: start again with --overwrite"
+            )
+        with torch.no_grad():
+            for name, parameter in trainable.items():
+                parameter.copy_(model[name])
+            if self.ema is not None:
+                for name, parameter in self._named_trainable(self.ema).items():
+                    parameter.copy_(ema[name])
 
     def _update_ema(self, step: int) -> None:
-        decay = ema_decay_at(step, self.config.train.ema_decay)
-        update_ema(self.ema, self.accelerator.unwrap_model(self.unet), decay)
+        if self.ema is not None:
+            decay = ema_decay_at(step, self.config.train.ema_decay)
+            update_ema(self.ema, self.accelerator.unwrap_model(self.unet), decay, self.trainable)
 
     def _prepare(self) -> None:
-        """Hand the model and optimiser to accelerate; move what else the loop needs."""
-        cfg, accelerator = self.config, self.accelerator
-        self.keep = self.unlabeled_weights = self.rejector = None
-        # Every process computes the same seeded mask, weights or rejector; the main process writes.
-        write = accelerator.is_main_process
-        if cfg.train.method == "filter":
-            self.keep = filter_keep(cfg, self.split, self.run_dir, write=write)
-        elif cfg.train.method == "weighted":
-            self.unlabeled_weights = weighted_weights(cfg, self.split, self.run_dir, write=write)
-        elif cfg.train.method == "reject":
-            self.rejector = run_rejector(cfg, self.split, self.run_dir, write=write)
-        self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
-        self.ema.to(accelerator.device)
+        """Let the task set up its data; hand the model and optimiser to accelerate."""
+        self.task.prepare(self.accelerator, self.run_dir)
+        self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)
 
     def _batches(self):
-        """What the loop draws from: ``(fetch, num_unlabeled, num_sensitive, objective method)``.
-
-        ``fetch(index, step)`` turns the step's pool indices into ``(clean, is_sensitive,
-        conditioning)`` on the device; ``conditioning`` is None for an unconditional UNet.
-        ``self.pool_weights``: ``weighted``'s per-item weights over the pool (None otherwise).
-        """
-        train, device = self.config.train, self.accelerator.device
-        pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(
-            self.split, train.method, self.keep
-        )
-        pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
-        self.pool_weights = None
-        if self.unlabeled_weights is not None:
-            self.pool_weights = self.unlabeled_weights.to(device)  # the pool is U, in order
-        if self.config.model.num_classes:
-            # Class-conditional UNet: each item is conditioned on the set it was drawn from (U's
-            # label or S's), never on its hidden class.
-            labels = torch.where(pool_is_sensitive, SENSITIVE_LABEL, UNLABELED_LABEL).long()
-
-            def fetch(index: torch.Tensor, step: int):
-                return pool[index], pool_is_sensitive[index], {"class_labels": labels[index]}
-
-        else:
-
-            def fetch(index: torch.Tensor, step: int):
-                return pool[index], pool_is_sensitive[index], None
-
-        method = "unsupervised" if train.method in ("oracle", "filter", "reject") else train.method
-        return fetch, num_unlabeled, num_sensitive, method
+        return self.task.batches(self.accelerator)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -605,7 +711,7 @@ class Trainer:
         step_inputs = _StepInputs(
             fetch=fetch,
             method=objective_method,
-            pool_weights=getattr(self, "pool_weights", None),
+            pool_weights=self.task.pool_weights,
             trainable=self._trainable_parameters(),
             batches=PUBatches(
                 num_unlabeled,
@@ -763,53 +869,16 @@ class Trainer:
         )
 
     def _finish(self) -> None:
-        """Final EMA weights as a diffusers pipeline, a sample grid, and summary.json (last)."""
-        cfg = self.config
-        training_schedule = DDPMScheduler.from_config(self.noise_scheduler.config)
-        # Saved from a CPU copy; sampled where the EMA already lives (the accelerator's device):
-        # the other processes wait at a barrier meanwhile, and a large UNet sampled on the CPU
-        # could outlast its timeout.
-        self.ema.eval()
-        runs.atomic_write_dir(
-            self.run_dir / "pipeline",
-            lambda tmp: save_pipeline(copy.deepcopy(self.ema).to("cpu"), training_schedule, tmp),
-        )
-
-        def draw(count: int, seed: int):
-            return generate(
-                self.ema,
-                training_schedule.config,
-                class_labels=grid_labels(cfg, count),
-                num=count,
-                sampler=cfg.sample.sampler,
-                steps=cfg.sample.steps,
-                seed=seed,
-                show_progress=False,
-            )
-
-        images = None
-        if self.rejector is not None:  # reject: the grid shows what pudm's sampler returns
-            from pudm.filtering import sample_with_rejection
-
-            # A grid is no reason to fail a finished run: show what was kept (or, if nothing was,
-            # the unfiltered draws) and say so.
-            images, rejection = sample_with_rejection(
-                draw, self.rejector, cfg.sample.grid_size, cfg.train.seed, allow_fewer=True
-            )
-            if len(images) < cfg.sample.grid_size:
-                logging.getLogger("pudm").warning(
-                    "warning: the rejector kept %d of %d draws for samples.png%s",
-                    len(images),
-                    rejection["num_drawn"],
-                    "; the grid shows unfiltered samples" if not len(images) else "",
-                )
-                images = images if len(images) else None
-        if images is None:
-            images = draw(cfg.sample.grid_size, cfg.train.seed)
-        save_grid(images, self.run_dir / "samples.png")
+        """What the task saves (pipeline, grid), then summary.json, last: its presence marks a
+        complete run."""
+        self.task.finish(self)
         runs.atomic_write_json(
             self.run_dir / runs.SUMMARY,
-            {"steps": cfg.train.steps, "final_metrics": self.last_metrics, "data": self.split.summary()},
+            {
+                "steps": self.config.train.steps,
+                "final_metrics": self.last_metrics,
+                "data": self.task.summary(),
+            },
         )
 
 
