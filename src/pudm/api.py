@@ -121,7 +121,7 @@ def preset(
     **settings,
 ) -> RunConfig:
     """A fresh copy of a named preset (default ``digits_even``; ``folders`` when folders are given),
-    with ``settings`` applied and checked.
+    with ``settings`` applied (their values are checked when the run starts, by :func:`train`).
 
     Args:
         unlabeled, sensitive, test: image folders (``pudm.preset("folders", unlabeled="U/",
@@ -157,7 +157,6 @@ def preset(
     pretrained = pretrained or config.model.pretrained
     if pretrained:
         _use_pretrained(config, pretrained, settings)
-    config.validate()
     return config
 
 
