@@ -129,6 +129,8 @@ def preset(
         model: a UNet preset (``small``, ...) instead of the preset's; its prediction type stays.
         pretrained: fine-tune this DDPM/DDIM pipeline (folder, pudm run or hub id): the model
             section becomes the pipeline's UNet and the end-of-run grid DDIM 50, as the paper.
+            A preset that fine-tunes (``CelebA_male``) reads its pipeline's config here (from the
+            hub, or its cache, for a hub id).
         class_conditional: a UNet conditioned on the set each item came from (U: 0, S: 1).
         settings: any setting by its flag's name, ``method="pu", steps=3000, beta=0.1,
             sample_steps=20`` (``pudm train --help`` lists them).
@@ -202,13 +204,18 @@ def resume_config(
 
     out = Path(out)
     config = _stored_config(out)
-    if settings.get("beta") == AUTO:
-        if config.train.beta_estimate is None:
-            raise UsageError(
-                f"--resume: {out} was trained with --beta {config.train.beta}, not auto: drop --beta"
-            )
-        del settings["beta"]
-    flags.check_repeats(config, flags.flags_of(SECTIONS, "train"), settings, out)
+    for flag in flags.flags_of(SECTIONS, "train"):  # in flag order, as the command line checks
+        if flag.name not in settings:
+            continue
+        value = settings.pop(flag.name)
+        if flag.name == "beta" and value == AUTO:
+            if config.train.beta_estimate is None:
+                raise UsageError(
+                    f"--resume: {out} was trained with --beta {config.train.beta}, not auto: drop --beta"
+                )
+            continue
+        flags.check_repeats(config, [flag], {flag.name: value}, out)
+    flags.check_repeats(config, [], settings, out)  # what is left is unknown
     if model is not None and model_preset(model).block_out_channels != config.model.block_out_channels:
         raise UsageError(f"--resume: {out} was not trained with --model {model}: drop --model")
     if pretrained is not None:

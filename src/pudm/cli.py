@@ -335,6 +335,10 @@ def command_benchmark(args: argparse.Namespace) -> int:
     from pudm.benchmark import TABLE, BenchmarkOptions
 
     options = BenchmarkOptions(**flags.given_fields(args, _benchmark_flags())).with_defaults(args.quick)
+    if options["num"] <= 0:  # the cheap checks first, in the order they always came
+        raise UsageError(f"--num must be > 0, got {options['num']}")
+    if options["sample_steps"] is not None and options["sample_steps"] <= 0:
+        raise UsageError(f"--sample-steps must be > 0, got {options['sample_steps']}")
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     api.benchmark(**options, out=args.out, log=log, show_progress=not args.quiet)
     print()
@@ -356,10 +360,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _run_groups(parser: argparse.ArgumentParser, run_options) -> dict:
-    """The data, objective and optimisation groups, then the run folder's options."""
-    groups = {name: parser.add_argument_group(name) for name in (DATA_GROUP, "objective", OPTIM_GROUP)}
-    groups[RUN_GROUP] = parser.add_argument_group(RUN_GROUP)
+def _run_groups(parser: argparse.ArgumentParser, run_options=()) -> dict:
+    """The data, objective, optimisation and run folder groups; ``run_options`` in the last."""
+    groups = {
+        name: parser.add_argument_group(name) for name in (DATA_GROUP, "objective", OPTIM_GROUP, RUN_GROUP)
+    }
     _add_options(groups[RUN_GROUP], run_options)
     return groups
 
@@ -391,12 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = _command(sub, "train", command_train)
-    groups = _run_groups(train, [OUT_OPTION])
+    groups = _run_groups(train)
+    groups[DATA_GROUP].add_argument("--preset", help=PRESET_HELP)
+    _add_options(groups[OPTIM_GROUP], TRAIN_OPTIONS)
+    _add_options(groups[RUN_GROUP], [OUT_OPTION])
     mode = groups[RUN_GROUP].add_mutually_exclusive_group()
     _add_options(mode, [RESUME_OPTION, ("--overwrite", FLAG, False, "replace the run in --out")])
     _add_options(groups[RUN_GROUP], [QUIET_OPTION])
-    groups[DATA_GROUP].add_argument("--preset", help=PRESET_HELP)
-    _add_options(groups[OPTIM_GROUP], TRAIN_OPTIONS)
     flags.add(train, _train_flags(), groups)
 
     _command(sub, "sample", command_sample, SAMPLE_OPTIONS)
@@ -416,9 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, doc in (("benchmark", None), ("demo", DEMO_DOC)):
         out = ("--out", Path, Path(f"runs/{name}"), f"benchmark folder (default runs/{name})")
         quiet = ("--quiet", FLAG, False, "no progress bars")
-        bench = _command(sub, name, command_benchmark, (out, quiet), doc)
+        bench = _command(sub, name, command_benchmark, (), doc, quick=name == "demo", preset="digits_even")
         flags.add(bench, _benchmark_flags(), {"benchmark": bench})
-        bench.set_defaults(quick=name == "demo")
+        _add_options(bench, (out, quiet))
         if name == "benchmark":
             bench.add_argument("--quick", action="store_true", help="the quick mode of the demo")
     return parser

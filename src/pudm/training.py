@@ -644,7 +644,9 @@ class Trainer:
 
     def _load_states(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
         trainable = self._named_trainable(self.unet)
-        if set(model) != set(trainable) or (self.ema is not None and set(ema) != set(trainable)):
+        shapes = {name: p.shape for name, p in trainable.items()}
+        fits = {name: t.shape for name, t in model.items()} == shapes
+        if not fits or (self.ema is not None and {name: t.shape for name, t in ema.items()} != shapes):
             raise runs.RunError(
                 f"the checkpoints in {self.run_dir} do not fit this model: start again with --overwrite"
             )
