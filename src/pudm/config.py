@@ -305,51 +305,17 @@ class RunConfig(StoredConfig):
             raise UsageError("image folders need both --unlabeled DIR and --sensitive DIR")
         if self.model.num_classes < 0:
             raise UsageError(f"num_classes must be >= 0, got {self.model.num_classes}")
-        if train.method not in TRAIN_METHODS:
-            raise UsageError(f"unknown method {train.method!r}; choose one of {', '.join(TRAIN_METHODS)}")
-        if train.correction not in CORRECTIONS:
-            raise UsageError(
-                f"unknown correction {train.correction!r}; choose one of {', '.join(CORRECTIONS)}"
-            )
-        if not 0.0 <= train.beta < 1.0:
-            raise UsageError(f"--beta must be in [0, 1), got {train.beta}")
+        validate_train(train, TRAIN_METHODS, self.model.num_train_timesteps)
         positive = {
-            "--steps": train.steps,
-            "--batch-size": train.batch_size,
-            "--checkpoint-every": train.checkpoint_every,
-            "--log-every": train.log_every,
-            "--keep-checkpoints": train.keep_checkpoints,
-            "--max-nonfinite-steps": train.max_nonfinite_steps,
             "--image-size": data.image_size,
             "--channels": data.channels,
             "--num-sensitive": data.num_sensitive,
             "--sample-steps": sample.steps,
             "--grid-size": sample.grid_size,
-            "--filter-epochs": train.filter_epochs,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise UsageError(f"{name} must be > 0, got {value}")
-        if not 0 <= train.warm_start_steps < train.steps:
-            raise UsageError(
-                f"--warm-start-steps must be in [0, --steps {train.steps}), got {train.warm_start_steps}"
-            )
-        check_warm_start(train)
-        horizon = self.model.num_train_timesteps
-        if train.method == "pu-bounded" and not 0 <= train.pu_min_timestep <= horizon:
-            raise UsageError(f"--pu-min-timestep must be in [0, {horizon}], got {train.pu_min_timestep}")
-        if train.filter_folds < 2:
-            raise UsageError(f"--filter-folds must be >= 2, got {train.filter_folds}")
-        if train.learning_rate <= 0:
-            raise UsageError(f"--lr must be > 0, got {train.learning_rate}")
-        if train.warmup_steps < 0:
-            raise UsageError(f"--warmup-steps must be >= 0, got {train.warmup_steps}")
-        if not 0.0 <= train.ema_decay < 1.0:
-            raise UsageError(f"--ema-decay must be in [0, 1), got {train.ema_decay}")
-        if train.lr_schedule not in ("cosine", "constant"):
-            raise UsageError(f"--lr-schedule must be cosine or constant, got {train.lr_schedule!r}")
-        if train.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UsageError(f"--mixed-precision must be no, fp16 or bf16, got {train.mixed_precision!r}")
         if self.model.prediction_type not in PREDICTION_TYPES:
             raise UsageError(
                 f"unknown prediction type {self.model.prediction_type!r}; choose one of "
@@ -372,6 +338,52 @@ class RunConfig(StoredConfig):
         k = data.sensitive_per_batch
         if k is not None and not 0 < k < train.batch_size:
             raise UsageError(f"--sensitive-per-batch must be in [1, batch size {train.batch_size}), got {k}")
+
+
+def validate_train(
+    train: TrainConfig,
+    methods: tuple[str, ...],
+    horizon: int,
+    error: type = UsageError,
+    steps_known: bool = True,
+) -> None:
+    """The checks of the train section, shared by every kind of run; ``error`` names the run's own
+    UsageError subclass; ``steps_known`` is False while the steps still follow from epochs."""
+    if train.method not in methods:
+        raise error(f"unknown method {train.method!r}; choose one of {', '.join(methods)}")
+    if train.correction not in CORRECTIONS:
+        raise error(f"unknown correction {train.correction!r}; choose one of {', '.join(CORRECTIONS)}")
+    if not 0.0 <= train.beta < 1.0:
+        raise error(f"--beta must be in [0, 1), got {train.beta}")
+    positive = {
+        "--steps": train.steps,
+        "--batch-size": train.batch_size,
+        "--checkpoint-every": train.checkpoint_every,
+        "--log-every": train.log_every,
+        "--keep-checkpoints": train.keep_checkpoints,
+        "--max-nonfinite-steps": train.max_nonfinite_steps,
+        "--filter-epochs": train.filter_epochs,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise error(f"{name} must be > 0, got {value}")
+    if train.warm_start_steps < 0 or (steps_known and train.warm_start_steps >= train.steps):
+        raise error(f"--warm-start-steps must be in [0, --steps {train.steps}), got {train.warm_start_steps}")
+    check_warm_start(train)
+    if train.method == "pu-bounded" and not 0 <= train.pu_min_timestep <= horizon:
+        raise error(f"--pu-min-timestep must be in [0, {horizon}], got {train.pu_min_timestep}")
+    if train.filter_folds < 2:
+        raise error(f"--filter-folds must be >= 2, got {train.filter_folds}")
+    if train.learning_rate <= 0:
+        raise error(f"--lr must be > 0, got {train.learning_rate}")
+    if train.warmup_steps < 0:
+        raise error(f"--warmup-steps must be >= 0, got {train.warmup_steps}")
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise error(f"--ema-decay must be in [0, 1), got {train.ema_decay}")
+    if train.lr_schedule not in ("cosine", "constant"):
+        raise error(f"--lr-schedule must be cosine or constant, got {train.lr_schedule!r}")
+    if train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise error(f"--mixed-precision must be no, fp16 or bf16, got {train.mixed_precision!r}")
 
 
 def check_warm_start(train: TrainConfig) -> None:

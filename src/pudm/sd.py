@@ -37,13 +37,12 @@ from pudm.config import (
     SAMPLERS,
     StoredConfig,
     TrainConfig,
-    check_warm_start,
     flag,
     section_from_dict,
+    validate_train,
 )
 from pudm.errors import UsageError
 from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
-from pudm.objectives import CORRECTIONS
 from pudm.training import Trainer
 
 SD_KIND = "sd"
@@ -182,33 +181,14 @@ class SDRunConfig(StoredConfig):
     def validate(self) -> None:
         """Check what a user can set; raise SDError naming the flag and the fix."""
         data, model, train, sample = self.data, self.model, self.train, self.sample
-        if train.method not in SD_METHODS:
-            raise SDError(f"unknown method {train.method!r}; choose one of {', '.join(SD_METHODS)}")
-        if train.correction not in CORRECTIONS:
-            raise SDError(f"unknown correction {train.correction!r}; choose one of {', '.join(CORRECTIONS)}")
-        if not 0.0 <= train.beta < 1.0:
-            raise SDError(f"--beta must be in [0, 1), got {train.beta}")
-        check_warm_start(train)
-        if train.warm_start_steps < 0 or (model.epochs is None and train.warm_start_steps >= train.steps):
-            raise SDError(f"--warm-start-steps must be in [0, --steps), got {train.warm_start_steps}")
-        if train.method == "pu-bounded" and not 0 <= train.pu_min_timestep <= 1000:
-            raise SDError(f"--pu-min-timestep must be in [0, 1000], got {train.pu_min_timestep}")
+        validate_train(train, SD_METHODS, 1000, SDError, steps_known=model.epochs is None)
         if not model.pretrained:
             raise SDError("--pretrained is required: a local Stable Diffusion folder or a hub id")
         if not data.unlabeled:
             raise SDError("--unlabeled is required: a folder of images")
         if train.method != "unsupervised" and not data.sensitive:
             raise SDError(f"method {train.method} needs --sensitive DIR (the labeled sensitive images)")
-        positive = {
-            "--resolution": data.resolution,
-            "--batch-size": train.batch_size,
-            "--steps": train.steps,
-            "--log-every": train.log_every,
-            "--checkpoint-every": train.checkpoint_every,
-            "--keep-checkpoints": train.keep_checkpoints,
-            "--max-nonfinite-steps": train.max_nonfinite_steps,
-            "--sample-steps": sample.steps,
-        }
+        positive = {"--resolution": data.resolution, "--sample-steps": sample.steps}
         for name, value in positive.items():
             if value <= 0:
                 raise SDError(f"{name} must be > 0, got {value}")
@@ -218,12 +198,6 @@ class SDRunConfig(StoredConfig):
             raise SDError(f"--lora-rank must be >= 0 (0: full fine-tuning), got {model.lora_rank}")
         if model.epochs is not None and model.epochs <= 0:
             raise SDError(f"--epochs must be > 0, got {model.epochs}")
-        if train.learning_rate <= 0:
-            raise SDError(f"--lr must be > 0, got {train.learning_rate}")
-        if not 0.0 <= train.ema_decay < 1.0:
-            raise SDError(f"--ema-decay must be in [0, 1), got {train.ema_decay}")
-        if train.mixed_precision not in WEIGHT_DTYPES:
-            raise SDError(f"--mixed-precision must be no, fp16 or bf16, got {train.mixed_precision!r}")
         if sample.sampler not in SAMPLERS:
             raise SDError(f"unknown sampler {sample.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if sample.grid_size < 0:
