@@ -135,9 +135,6 @@ def preset(
         settings: any setting by its flag's name, ``method="pu", steps=3000, beta=0.1,
             sample_steps=20`` (``pudm train --help`` lists them).
     """
-    from pudm.models import model_preset
-    from pudm.training import SET_CLASSES
-
     folders = {"unlabeled_dir": unlabeled, "sensitive_dir": sensitive, "test_dir": test}
     given = {field: value for field, value in folders.items() if value is not None}
     config = _config_preset(name or ("folders" if given else "digits_even"))
@@ -149,6 +146,25 @@ def preset(
         )
     for field, value in given.items():
         setattr(config.data, field, str(Path(value).resolve()))
+    pretrained = pretrained or config.model.pretrained
+    return customize(
+        config, model=model, pretrained=pretrained, class_conditional=class_conditional, **settings
+    )
+
+
+def customize(
+    config: RunConfig,
+    *,
+    model: str | None = None,
+    pretrained: str | None = None,
+    class_conditional: bool = False,
+    **settings,
+) -> RunConfig:
+    """``config`` with a model preset, a pretrained pipeline, class conditioning and ``settings``
+    (by flag name) applied, in the order the command line applies them; see :func:`preset`."""
+    from pudm.models import model_preset
+    from pudm.training import SET_CLASSES
+
     if model is not None:
         prediction_type = config.model.prediction_type  # the preset's, unless a setting changes it
         config.model = model_preset(model)
@@ -156,10 +172,91 @@ def preset(
     flags.apply(config, flags.flags_of(SECTIONS, "train"), settings)
     if class_conditional:
         config.model.num_classes = SET_CLASSES
-    pretrained = pretrained or config.model.pretrained
     if pretrained:
         _use_pretrained(config, pretrained, settings)
     return config
+
+
+def load_config(path: PathLike) -> RunConfig:
+    """A run's config from a file: TOML (``preset = "..."`` and any of the sections ``[data]``,
+    ``[model]``, ``[train]``, ``[sample]`` with the field names of a run's config.json; what is
+    not given is the preset's), or a run's own ``config.json`` ("train again like that run").
+
+    Unknown keys, wrong types and values out of range raise :class:`UsageError` naming the key.
+    """
+    import tomllib
+
+    path = Path(path)
+    where = f"--config {path}"
+    if not path.is_file():
+        raise UsageError(f"{where}: no such file: give a TOML file or a run's config.json")
+    try:
+        if path.suffix == ".json":
+            values = json.loads(path.read_text())
+        else:
+            values = tomllib.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
+        raise UsageError(
+            f"{where}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})"
+        ) from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{where}: not a table of settings: give a TOML file or a run's config.json")
+    if values.get("kind") is not None:
+        raise UsageError(f"{where} is a {values['kind']} run's config (pudm sd): pudm train cannot use it")
+    unknown = sorted(set(values) - {"preset", *SECTIONS})
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown key {unknown[0]!r}: the keys are preset and the sections {', '.join(SECTIONS)}"
+        )
+    try:
+        stored = _config_preset(str(values.get("preset", "digits_even"))).to_dict()
+    except UsageError as error:
+        raise UsageError(f"{where}: {error}") from None
+    for section, kind in SECTIONS.items():
+        given = values.get(section, {})
+        if not isinstance(given, dict):
+            raise UsageError(f"{where}: {section} must be a table ([{section}]), got {given!r}")
+        for key, value in given.items():
+            stored[section][key] = _checked_value(where, section, kind, key, value)
+    config = RunConfig.from_dict(stored)
+    try:
+        config.validate()
+    except UsageError as error:
+        keys = [f for f in flags.flags_of(SECTIONS, "train") if str(error).startswith(f.option + " ")]
+        named = f" (key {keys[0].section}.{keys[0].field})" if keys else ""
+        raise UsageError(f"{where}: {error}{named}") from None
+    return config
+
+
+_TYPE_NAMES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
+
+
+def _checked_value(where: str, section: str, kind: type, key: str, value):
+    """A config file's value, checked to have a field to go to and that field's type."""
+    import dataclasses
+
+    fields = {item.name: item for item in dataclasses.fields(kind)}
+    if key not in fields:
+        raise UsageError(
+            f"{where}: unknown key {section}.{key}: the keys are a run's config.json's "
+            "(pudm train --print-config shows them)"
+        )
+    allowed: tuple = ()
+    for name in str(fields[key].type).replace(" ", "").split("|"):
+        if name == "None":
+            allowed += (type(None),)
+        elif name.startswith("tuple"):
+            allowed += (list, tuple)
+        elif name in _TYPE_NAMES:
+            allowed += _TYPE_NAMES[name]
+        else:
+            return value  # a type this check does not know: the dataclass decides
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        expected = " or ".join(sorted({t.__name__.replace("NoneType", "null") for t in allowed}))
+        raise UsageError(f"{where}: {section}.{key} must be {expected}, got {value!r}")
+    if str(fields[key].type).startswith("float") and type(value) is int:
+        return float(value)  # a float field given as 1 stores 1.0, as the flag does
+    return value
 
 
 def _use_pretrained(config: RunConfig, pretrained: str, settings: dict) -> None:

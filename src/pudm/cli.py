@@ -49,15 +49,14 @@ def _sd_flags() -> list[flags.Flag]:
 TRAIN_OPTIONS = (
     ("--model", tuple(sorted(MODEL_PRESETS)), None, "UNet preset (default small)"),
     ("--pretrained", str, None, "fine-tune this DDPM/DDIM pipeline (folder, run or hub id), not a new UNet"),
-    (
-        "--class-conditional",
-        FLAG,
-        False,
-        "condition the UNet on each item's set (U: class 0, S: 1; not the truth)",
-    ),
+    ("--class-conditional", FLAG, False, "condition the UNet on each item's set (U: 0, S: 1; not the truth)"),
 )
 OUT_OPTION = ("--out", Path, None, "run folder to write", {"required": True})
 RESUME_OPTION = ("--resume", FLAG, False, "continue the run in --out from its last checkpoint")
+CONFIG_OPTIONS = (
+    ("--config", Path, None, "start from a TOML file or a run's config.json; flags override it"),
+    ("--print-config", FLAG, False, "print the resolved config (as config.json holds it) and exit"),
+)
 QUIET_OPTION = ("--quiet", FLAG, False, "no progress bar")
 SAMPLE_OPTIONS = (
     ("run", Path, None, "run folder or pipeline folder"),
@@ -144,11 +143,13 @@ def resolve_config(args: argparse.Namespace):
     settings = flags.given(args, _train_flags() if train else _data_flags())
     if settings.get("beta") == AUTO:
         del settings["beta"]  # estimated by api.train(auto_beta=True)
-    if train:
-        settings.update(
-            model=args.model, pretrained=args.pretrained, class_conditional=args.class_conditional
-        )
-    config = api.preset(args.preset, **settings)
+    extra = _pick(args, "model", "pretrained", "class_conditional") if train else {}
+    if train and args.config is not None:
+        if args.preset is not None:
+            raise UsageError("--preset: --config names its own preset: give one of them")
+        config = api.customize(api.load_config(args.config), **extra, **settings)
+    else:
+        config = api.preset(args.preset, **extra, **settings)
     config.validate()
     return config
 
@@ -161,9 +162,17 @@ def command_train(args: argparse.Namespace) -> int:
     """
     from pudm import api
 
-    runs.RunFolder(args.out).check(args.resume, args.overwrite)
+    if args.out is None and not args.print_config:
+        raise UsageError("the following arguments are required: --out (see pudm train --help)")
+    if args.resume and args.config is not None:
+        raise UsageError("--config: a resumed run keeps its own config: drop --config")
+    if args.out is not None:
+        runs.RunFolder(args.out).check(args.resume, args.overwrite)
     given = {**_pick(args, "preset", "model", "pretrained"), **flags.given(args, _train_flags())}
     config = api.resume_config(args.out, **given) if args.resume else resolve_config(args)
+    if args.print_config:  # what config.json would hold; nothing is written
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
     was_complete = args.resume and runs.is_complete(args.out)
     api.train(config, args.out, auto_beta=args.beta == AUTO, **_run_mode(args))
     saved = f"pipeline in {args.out / 'pipeline'}, samples in {args.out / 'samples.png'}"
@@ -399,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     groups = _run_groups(train)
     groups[DATA_GROUP].add_argument("--preset", help=PRESET_HELP)
     _add_options(groups[OPTIM_GROUP], TRAIN_OPTIONS)
-    _add_options(groups[RUN_GROUP], [OUT_OPTION])
+    train_out = ("--out", Path, None, "run folder to write (required unless --print-config)")
+    _add_options(groups[DATA_GROUP], CONFIG_OPTIONS)
+    _add_options(groups[RUN_GROUP], [train_out])
     mode = groups[RUN_GROUP].add_mutually_exclusive_group()
     _add_options(mode, [RESUME_OPTION, ("--overwrite", FLAG, False, "replace the run in --out")])
     _add_options(groups[RUN_GROUP], [QUIET_OPTION])

@@ -1,0 +1,109 @@
+"""`pudm train --config FILE` (TOML or a run's config.json), flags over the file, --print-config."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import pudm
+from pudm.cli import main
+
+TINY = ["--batch-size", "8", "--log-every", "2", "--sample-steps", "2", "--grid-size", "4", "--quiet"]
+
+
+def _toml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_a_toml_file_sets_what_it_names_and_flags_override_it(tmp_path):
+    file = _toml(
+        tmp_path / "run.toml",
+        'preset = "digits_odd"\n[train]\nmethod = "unsupervised"\nsteps = 4\nbeta = 0\nseed = 5\n'
+        "[data]\nnum_sensitive = 40\n",
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(file), "--seed", "7", "--out", str(out), *TINY]) == 0
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["preset"] == "digits_odd" and stored["data"]["normal_classes"] == [1, 3, 5, 7, 9]
+    assert stored["train"]["method"] == "unsupervised" and stored["train"]["steps"] == 4
+    assert stored["data"]["num_sensitive"] == 40
+    assert stored["train"]["seed"] == 7  # the flag, over the file's 5
+    assert stored["train"]["beta"] == 0.0 and isinstance(stored["train"]["beta"], float)
+    # What the file does not name is the preset's.
+    expected = pudm.preset("digits_odd").to_dict()
+    assert stored["sample"]["sampler"] == expected["sample"]["sampler"]
+    assert stored["model"] == expected["model"]
+
+
+def test_train_again_like_a_run_with_one_change(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["train", "--method", "pu", "--steps", "2", "--out", str(first), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(first / "config.json"), "--seed", "3", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((first / "config.json").read_text())
+    assert printed["train"].pop("seed") == 3 and stored["train"].pop("seed") == 0
+    assert printed == stored
+
+
+def test_print_config_is_what_the_run_stores_and_writes_nothing(tmp_path, capsys):
+    flags = ["--method", "filter", "--steps", "2", "--lr", "5e-4", *TINY]
+    assert main(["train", "--print-config", *flags]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--print-config", *flags]) == 0
+    assert not out.exists()
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), *flags]) == 0
+    assert json.loads((out / "config.json").read_text()) == printed
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[train]\nstepz = 4\n", "unknown key train.stepz"),
+        ("[train]\nsteps = '4'\n", "train.steps must be int, got '4'"),
+        ("[train]\nbeta = 1.5\n", "--beta must be in [0, 1), got 1.5 (key train.beta)"),
+        ("[train]\nbatch_size = true\n", "train.batch_size must be int, got True"),
+        ("[trian]\nsteps = 4\n", "unknown key 'trian'"),
+        ('preset = "imagenet"\n', "unknown preset 'imagenet'"),
+        ("train = 3\n", "train must be a table"),
+        ("[train\nsteps = 4\n", "not valid TOML"),
+        ('kind = "sd"\n[train]\nsteps = 4\n', "pudm train cannot use it"),
+        ("[model]\nblock_out_channels = [32, 64, 64, 128, 128]\n", "image size 8 cannot be halved 4 times"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, text, expected):
+    file = _toml(tmp_path / "bad.toml", text)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err and "Traceback" not in err, err
+    assert f"--config {file}" in err
+    assert not out.exists()
+
+
+def test_config_conflicts_are_one_line_errors(tmp_path, capsys):
+    file = _toml(tmp_path / "ok.toml", "[train]\nsteps = 2\n")
+    cases = [
+        (["--config", str(tmp_path / "missing.toml")], "no such file"),
+        (["--config", str(file), "--preset", "digits_odd"], "--config names its own preset"),
+        (["--config", str(file), "--resume"], "drop --config"),
+    ]
+    for extra, expected in cases:
+        assert main(["train", *extra, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert main(["train", "--config", str(file)]) == 2
+    assert "required: --out" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_config_is_the_api_of_the_same(tmp_path):
+    file = _toml(tmp_path / "run.toml", "[train]\nmethod = 'weighted'\nsteps = 9\n")
+    config = pudm.load_config(file)
+    assert (config.preset, config.train.method, config.train.steps) == ("digits_even", "weighted", 9)
+    with pytest.raises(pudm.UsageError, match="unknown key train.epochs"):
+        pudm.load_config(_toml(tmp_path / "bad.toml", "[train]\nepochs = 2\n"))
