@@ -181,6 +181,14 @@ class TrainConfig:
     )
     weight_decay: float = flag(0.0, {"sd": "AdamW weight decay (default 0.01)"}, group="optimisation")
     max_grad_norm: float = 1.0
+    # K micro-batches of --batch-size per step, the objective of the whole K * batch kept exact:
+    # its sums are formed over every micro-batch first (one extra forward pass of each), then each
+    # micro-batch backpropagates the whole batch's objective through its own items.
+    gradient_accumulation_steps: int = flag(
+        1,
+        "micro-batches of --batch-size per step; the objective is the whole batch's (default 1)",
+        group="optimisation",
+    )
     ema_decay: float = flag(
         0.999, "EMA decay of the saved weights (train: default 0.999; sd: 0.9999)", group="optimisation"
     )
@@ -335,9 +343,9 @@ class RunConfig(StoredConfig):
                 f"{data.channels}: use --image-size {self.model.pretrained_image_size} --channels "
                 f"{self.model.pretrained_channels}"
             )
-        k = data.sensitive_per_batch
-        if k is not None and not 0 < k < train.batch_size:
-            raise UsageError(f"--sensitive-per-batch must be in [1, batch size {train.batch_size}), got {k}")
+        k, batch = data.sensitive_per_batch, train.batch_size * train.gradient_accumulation_steps
+        if k is not None and not 0 < k < batch:
+            raise UsageError(f"--sensitive-per-batch must be in [1, batch size {batch}), got {k}")
 
 
 def validate_train(
@@ -363,6 +371,7 @@ def validate_train(
         "--keep-checkpoints": train.keep_checkpoints,
         "--max-nonfinite-steps": train.max_nonfinite_steps,
         "--filter-epochs": train.filter_epochs,
+        "--gradient-accumulation-steps": train.gradient_accumulation_steps,
     }
     for name, value in positive.items():
         if value <= 0:

@@ -129,6 +129,38 @@ class CrossProcessSum:
         return total
 
 
+class SumRecorder:
+    """A ``reduce`` that records each call's sums and changes nothing: the first pass of gradient
+    accumulation, a forward pass over every micro-batch to learn the whole batch's sums."""
+
+    world_size = 1
+
+    def __init__(self):
+        self.sums: list[torch.Tensor] = []
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        self.sums.append(values.detach().clone())
+        return values.detach()
+
+    def total(self) -> torch.Tensor:
+        return torch.stack(self.sums).sum(0)
+
+
+class KnownSums:
+    """A ``reduce`` that returns sums known beforehand: those of the whole accumulated batch (and,
+    under data parallelism, of every process). Each micro-batch then backpropagates the whole
+    batch's objective through its own items, so K micro-batches give the gradient of one batch.
+    ``world_size``: the number of processes, for the gradient scaling of :func:`objective`."""
+
+    def __init__(self, total: torch.Tensor, world_size: int = 1):
+        self.total, self.world_size = total.detach(), world_size
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        if values.shape != self.total.shape:
+            raise ValueError(f"sums of shape {tuple(values.shape)}, known sums {tuple(self.total.shape)}")
+        return self.total
+
+
 def _global_sums(local: torch.Tensor, reduce: CrossProcessSum | None) -> torch.Tensor:
     """The global value of per-process sums whose gradient flows to this process's items only.
 

@@ -283,7 +283,7 @@ def resolve_steps(config: SDRunConfig, data: TextImageData, num_processes: int =
     pool = len(data.unlabeled.files)
     if config.train.method != "unsupervised" and data.sensitive is not None:
         pool += len(data.sensitive.files)
-    per_step = config.train.batch_size * num_processes
+    per_step = config.train.batch_size * config.train.gradient_accumulation_steps * num_processes
     config.train.steps = config.model.epochs * math.ceil(pool / per_step)
 
 
@@ -546,8 +546,6 @@ class LatentTask:
             with torch.no_grad():
                 probe = self.vae.encode(pixels[:1].to(device, self.vae.dtype) / 127.5 - 1.0).latent_dist
             latent_shape = probe.mean.shape[1:]
-        batch = cfg.train.batch_size
-        mine = slice(rank * batch, (rank + 1) * batch)
 
         def fetch(index: torch.Tensor, step: int):
             # The latent's own draw from the posterior: seeded by (seed, step), the global batch's
@@ -556,7 +554,7 @@ class LatentTask:
                 (cfg.train.seed * 1_000_003 + step) * 64 + 1
             )
             draw = torch.randn((world_size * len(index), *latent_shape), generator=generator, device=device)
-            draw = draw[mine][: len(index)]
+            draw = draw[rank * len(index) : (rank + 1) * len(index)]
             if cfg.model.cache:
                 item_mean, item_std = mean[index.to(mean.device)], std[index.to(std.device)]
                 conditioning = embeddings[caption[index]]

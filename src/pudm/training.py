@@ -30,7 +30,7 @@ from pudm.data import PUBatches, PUSplit, build_pu_split
 from pudm.datasets import load_source
 from pudm.errors import UsageError
 from pudm.models import build_noise_scheduler, build_unet, load_pretrained, save_pipeline
-from pudm.objectives import CrossProcessSum, objective
+from pudm.objectives import CrossProcessSum, KnownSums, SumRecorder, objective
 from pudm.sampling import generate, save_grid
 
 FILTER = "filter.json"
@@ -718,7 +718,7 @@ class Trainer:
             batches=PUBatches(
                 num_unlabeled,
                 num_sensitive,
-                train.batch_size,
+                train.batch_size * train.gradient_accumulation_steps,
                 seed=train.seed * 1000,
                 sensitive_per_batch=self.config.data.sensitive_per_batch if num_sensitive else None,
             ),
@@ -772,8 +772,9 @@ class Trainer:
         # One generator per step: the noise of step k depends only on (seed, k), so a resumed run
         # draws exactly what an uninterrupted one would. Each process draws the noise and
         # timesteps of the whole global batch and keeps its block, as with the items: N processes
-        # with batch B train exactly like one process with batch N*B.
-        mine = slice(rank * train.batch_size, (rank + 1) * train.batch_size)
+        # with batch B train exactly like one process with batch N*B (and K micro-batches of B
+        # like one batch of K*B).
+        mine = slice(rank * len(clean), (rank + 1) * len(clean))
         generator = torch.Generator(device=device).manual_seed((train.seed * 1_000_003 + step) * 64)
         noise = torch.randn((world_size * len(clean), *clean.shape[1:]), generator=generator, device=device)
         timesteps = torch.randint(
@@ -784,19 +785,7 @@ class Trainer:
             device=device,
         )
         noise, timesteps = noise[mine], timesteps[mine]
-        with accelerator.autocast():
-            per_sample_loss = per_sample_denoising_loss(
-                self.unet, self.noise_scheduler, clean, noise, timesteps, conditioning
-            )
-        out = objective(
-            inputs.method if step >= train.warm_start_steps else "unsupervised",
-            per_sample_loss,
-            is_sensitive,
-            beta=train.beta,
-            correction=train.correction,
-            reduce=inputs.reduce,
-            **_objective_inputs(inputs.method, step, train, index, timesteps, inputs.pool_weights),
-        )
+        out = self._objective(step, inputs, index, clean, is_sensitive, conditioning, noise, timesteps)
         accelerator.backward(out.loss)
         grad_norm = accelerator.clip_grad_norm_(inputs.trainable, train.max_grad_norm)
         scaler = accelerator.scaler  # fp16 on GPUs: torch's GradScaler; None otherwise
@@ -826,6 +815,56 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return outcome, row
 
+    def _objective(self, step, inputs, index, clean, is_sensitive, conditioning, noise, timesteps):
+        """The per-sample loss and the objective of this process's block; with K micro-batches,
+        every micro-batch but the last is backpropagated here. Returns the last one's output."""
+        accelerator, train = self.accelerator, self.config.train
+        method = inputs.method if step >= train.warm_start_steps else "unsupervised"
+        pool_weights = inputs.pool_weights
+
+        def micro_objective(part: slice, reduce):
+            """The objective of the items ``part`` of this process's block, with ``reduce``."""
+            with accelerator.autocast():
+                per_sample_loss = per_sample_denoising_loss(
+                    self.unet,
+                    self.noise_scheduler,
+                    clean[part],
+                    noise[part],
+                    timesteps[part],
+                    None if conditioning is None else {k: v[part] for k, v in conditioning.items()},
+                )
+            return objective(
+                method,
+                per_sample_loss,
+                is_sensitive[part],
+                beta=train.beta,
+                correction=train.correction,
+                reduce=reduce,
+                **_objective_inputs(inputs.method, step, train, index[part], timesteps[part], pool_weights),
+            )
+
+        parts = [
+            slice(j * train.batch_size, (j + 1) * train.batch_size)
+            for j in range(train.gradient_accumulation_steps)
+        ]
+        if len(parts) == 1:
+            out = micro_objective(slice(None), inputs.reduce)
+        else:
+            # Gradient accumulation that keeps the objective exact: |mean_U l - beta mean_S l| and
+            # its sign are not sums over micro-batches, so first learn the whole batch's sums
+            # (forward only), then backpropagate each micro-batch with them.
+            recorder = SumRecorder()
+            with torch.no_grad():
+                for part in parts:
+                    micro_objective(part, recorder)
+            total = recorder.total() if inputs.reduce is None else inputs.reduce(recorder.total())
+            known = KnownSums(total, accelerator.num_processes)
+            for part in parts[:-1]:
+                with accelerator.no_sync(self.unet):
+                    accelerator.backward(micro_objective(part, known).loss)
+            out = micro_objective(parts[-1], known)
+        return out
+
     def _any_process(self, flag: bool) -> bool:
         value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
@@ -836,7 +875,8 @@ class Trainer:
             means = dict(zip(TICK_FIELDS, torch.stack(rows).mean(0).tolist(), strict=True))
         else:  # every step of the tick was skipped: no value (null in metrics.jsonl)
             means = dict.fromkeys(TICK_FIELDS, float("nan"))
-        images = steps * self.config.train.batch_size * self.accelerator.num_processes
+        train = self.config.train
+        images = steps * train.batch_size * train.gradient_accumulation_steps * self.accelerator.num_processes
         self.last_metrics = {
             "step": step,
             "lr": self.lr_scheduler.get_last_lr()[0],
