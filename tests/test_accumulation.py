@@ -138,3 +138,49 @@ def test_accumulation_under_two_processes_matches_one_process_with_the_whole_bat
     difference = torch.cat([(mine[k] - theirs[k]).flatten() for k in theirs]).norm()
     moved = torch.cat([(theirs[k] - start[k]).flatten() for k in theirs]).norm()
     assert float(moved) > 0.1 and float(difference / moved) < 0.01
+
+
+def test_stable_diffusion_accumulates_the_same_way(tmp_path):
+    """The latent task shares the step: LoRA on a tiny SD, 2 micro-batches of 2 = one batch of 4."""
+    from pudm.cli import main
+    from tiny_sd import write_text_image_folder, write_tiny_sd
+
+    write_tiny_sd(tmp_path / "base")
+    write_text_image_folder(tmp_path / "U", 8, seed=0)
+    write_text_image_folder(tmp_path / "S", 4, seed=1, captions=["a photo of brad pitt"] * 4)
+    args = ["sd", "--pretrained", str(tmp_path / "base"), "--unlabeled", str(tmp_path / "U")]
+    args += [
+        "--sensitive",
+        str(tmp_path / "S"),
+        "--unlabeled-prompt",
+        "a photo of a man",
+        "--resolution",
+        "16",
+    ]
+    args += [
+        "--steps",
+        "3",
+        "--log-every",
+        "1",
+        "--lora-rank",
+        "2",
+        "--lr",
+        "1e-2",
+        "--grid-size",
+        "0",
+        "--quiet",
+    ]
+    assert main([*args, "--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [*args, "--out", str(tmp_path / "two"), "--batch-size", "2", "--gradient-accumulation-steps", "2"]
+        )
+        == 0
+    )
+    lines = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("two", "one")
+    ]
+    for a, b in zip(*lines, strict=True):
+        for key in ("loss", "bracket", "mean_sensitive_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
