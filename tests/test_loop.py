@@ -382,3 +382,22 @@ def test_class_conditioning_is_the_set_an_item_came_from(tmp_path):
     assert labels[:num_unlabeled].eq(training.UNLABELED_LABEL).all()
     assert labels[num_unlabeled:].eq(training.SENSITIVE_LABEL).all()
     assert torch.equal(labels.bool(), is_sensitive)
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_tf32_follows_the_config_during_the_run_and_is_put_back(tmp_path, monkeypatch, allow):
+    seen = []
+    real = training.per_sample_denoising_loss
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "per_sample_denoising_loss", spy)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    flag = "--allow-tf32" if allow else "--no-allow-tf32"
+    args = ["train", "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8", "--grid-size", "4"]
+    assert main([*args, "--sample-steps", "2", "--quiet", flag]) == 0
+    assert seen and set(seen) == {(allow, allow)}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["allow_tf32"] is allow
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

@@ -675,6 +675,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
 
     def train(self, resume: bool = False) -> TrainResult:
+        """Build, restore (``resume``), run the loop and save; torch's TF32 switches are set from
+        the config for the run and put back after it."""
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.config.train.allow_tf32
+        try:
+            return self._train(resume)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+    def _train(self, resume: bool) -> TrainResult:
         cfg, accelerator = self.config, self.accelerator
         self._build()
         if not resume and accelerator.is_main_process:
