@@ -373,3 +373,32 @@ def test_resnet_classifier_trains_saves_and_starts_from_weights(tmp_path):
     assert (loaded.predict(uint8) == Classifier(model, info).predict(uint8)).all()
     with pytest.raises(ValueError, match="do not fit a classifier"):
         loaded.predict(uint8[:, :16, :16])
+
+
+def test_the_model_card_tells_what_the_run_is_and_follows_its_evaluation(classifier_dir, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        main(["train", "--out", str(out), *TINY, "--num-unlabeled-sensitive", "37", "--num-sensitive", "123"])
+        == 0
+    )
+    card = (out / "pipeline" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "- pudm" in card
+    config = json.loads((out / "config.json").read_text())
+    assert f"| method | {config['train']['method']} |" in card
+    assert f"| beta (share of sensitive items in U) | {config['train']['beta']} (given) |" in card
+    assert (
+        "| S (labeled sensitive) | 123 |" in card
+        and "| U (unlabeled, may hide sensitive items) | 787 |" in card
+    )
+    assert "37" not in card, "the hidden truth of the split never goes into a card"
+    assert "Not evaluated yet" in card and "suppressed and measured, not proven impossible" in card
+    assert main(["evaluate", str(out), "--classifier", str(classifier_dir), "--num", "50", "--quiet"]) == 0
+    card = (out / "pipeline" / "README.md").read_text()
+    report = json.loads((out / "eval.json").read_text())
+    assert "Not evaluated yet" not in card
+    assert f"| non-sensitive rate | {report['non_sensitive_rate']:.3f}" in card
+    assert f"| FID (classifier features) | {report['fid_classifier']:.2f} |" in card
+    # The card is part of the pipeline folder diffusers loads; it loads as before.
+    from diffusers import DDPMPipeline
+
+    assert DDPMPipeline.from_pretrained(out / "pipeline").unet is not None

@@ -392,3 +392,18 @@ def test_a_warm_start_longer_than_the_epochs_is_one_line(world, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert "--warm-start-steps must be in [0, --steps" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_lora_and_full_runs_carry_a_model_card(world, tmp_path):
+    lora = tmp_path / "lora"
+    assert main([*base_args(world), "--out", str(lora), *FAST, "--lora-rank", "2"]) == 0
+    card = (lora / "lora" / "README.md").read_text()
+    assert "pipeline_tag: text-to-image" in card and "- lora" in card and "| LoRA rank | 2 |" in card
+    assert (
+        "| S (labeled sensitive) | 6 |" in card and "| U (unlabeled, may hide sensitive items) | 10 |" in card
+    )
+    assert "load_lora_weights" in card
+    full = tmp_path / "full"
+    assert main([*base_args(world), "--out", str(full), *FAST]) == 0
+    card = (full / "pipeline" / "README.md").read_text()
+    assert "LoRA" not in card and "| method | pu |" in card and "not proven impossible" in card

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pudm import runs
+from pudm.cards import refresh_cards
 from pudm.classifier import Classifier
 from pudm.config import RunConfig, default_steps
 from pudm.errors import UsageError
@@ -304,6 +305,7 @@ def evaluate_run(
     if report is not None:
         result["weights"] = report
     runs.atomic_write_json(run_dir / EVAL, result)
+    refresh_cards(run_dir)  # the model card shows the latest figures
     return result
 
 
@@ -430,4 +432,5 @@ def evaluate_sd_run(
         result["fid_classifier"] = classifier_fid(classifier, reference_images, images)
         result["fid_reference"] = f"{reference} ({len(reference_images)} images)"
     runs.atomic_write_json(run_dir / EVAL, result)
+    refresh_cards(run_dir)  # the model card shows the latest figures
     return result

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pudm import runs
+from pudm.cards import write_card
 from pudm.config import (
     DEFAULT_SAMPLING_STEPS,
     SAMPLERS,
@@ -576,12 +577,15 @@ class LatentTask:
         unet = unet.to("cpu")
         if cfg.model.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
-        if cfg.lora:
-            runs.atomic_write_dir(run_dir / LORA_DIR, lambda tmp: save_lora(unet, tmp))
-        else:
-            runs.atomic_write_dir(
-                run_dir / "pipeline", lambda tmp: save_full_pipeline(cfg.model.pretrained, unet, tmp)
-            )
+
+        def save(tmp: Path) -> None:
+            if cfg.lora:
+                save_lora(unet, tmp)
+            else:
+                save_full_pipeline(cfg.model.pretrained, unet, tmp)
+            write_card(tmp, cfg.to_dict(), self.summary())
+
+        runs.atomic_write_dir(run_dir / (LORA_DIR if cfg.lora else "pipeline"), save)
         if cfg.sample.grid_size:
             from pudm.sampling import save_grid
 

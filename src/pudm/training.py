@@ -25,6 +25,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine
 from tqdm.auto import tqdm
 
 from pudm import runs
+from pudm.cards import write_card
 from pudm.config import S_OBJECTIVE_METHODS, RunConfig
 from pudm.data import PUBatches, PUSplit, build_pu_split
 from pudm.datasets import load_source
@@ -512,10 +513,12 @@ class PixelTask:
         # the other processes wait at a barrier meanwhile, and a large UNet sampled on the CPU
         # could outlast its timeout.
         ema.eval()
-        runs.atomic_write_dir(
-            trainer.run_dir / "pipeline",
-            lambda tmp: save_pipeline(copy.deepcopy(ema).to("cpu"), training_schedule, tmp),
-        )
+
+        def save(tmp: Path) -> None:
+            save_pipeline(copy.deepcopy(ema).to("cpu"), training_schedule, tmp)
+            write_card(tmp, cfg.to_dict(), self.summary())
+
+        runs.atomic_write_dir(trainer.run_dir / "pipeline", save)
 
         def draw(count: int, seed: int):
             return generate(

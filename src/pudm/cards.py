@@ -1,0 +1,160 @@
+"""Model cards: a README.md in every saved pipeline (and Stable Diffusion LoRA folder).
+
+Made with huggingface_hub's :class:`~huggingface_hub.ModelCard`: YAML metadata the Hub reads
+(library, tags, base model, pipeline tag), then what the model is: method, beta and how it was
+chosen, the sizes of U and S, the training steps, the latest ``eval.json`` figures when they
+exist, and the limitation every pudm model has. The hidden truth of a labeled split (how many
+items of U are sensitive) is never written into a card: it is for the evaluator alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CARD = "README.md"
+
+LIMITATION = (
+    "Generation of the sensitive data is **suppressed and measured, not proven impossible**. The "
+    "non-sensitive rate below is the share of samples an independent classifier calls normal; that "
+    "classifier misses some sensitive items, and other prompts, samplers or seeds may draw what it "
+    "did not see. Do not rely on this model where a single sensitive sample is unacceptable."
+)
+
+
+def _beta_line(train: dict[str, Any]) -> str:
+    if train["method"] not in ("pu", "pu-bounded", "weighted", "filter", "reject"):
+        return "not used by this method"
+    estimate = train.get("beta_estimate")
+    if estimate:
+        return (
+            f"{train['beta']:.3f}, estimated from U and S ({estimate.get('method', 'BBE')}; 95% interval "
+            f"{estimate.get('low', float('nan')):.3f}-{estimate.get('high', float('nan')):.3f})"
+        )
+    return f"{train['beta']} (given)"
+
+
+def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
+    if not evaluation:
+        return [
+            "Not evaluated yet: `pudm evaluate RUN --classifier CLF` writes eval.json and updates this card."
+        ]
+    low, high = evaluation["non_sensitive_rate_95ci"]
+    rows = [
+        ("non-sensitive rate", f"{evaluation['non_sensitive_rate']:.3f} (95% CI {low:.3f}-{high:.3f})"),
+        (
+            "samples",
+            f"{evaluation['num_samples']} ({evaluation['sampler']}, {evaluation['sampling_steps']} steps)",
+        ),
+    ]
+    for key, name in (
+        ("fid_classifier", "FID (classifier features)"),
+        ("fid_pixels", "Frechet distance (pixels)"),
+        ("fid_inception", "Inception FID"),
+    ):
+        if evaluation.get(key) is not None:
+            rows.append((name, f"{evaluation[key]:.2f}"))
+    if evaluation.get("prompt"):
+        rows.append(("prompt", repr(evaluation["prompt"])))
+    lines = ["From the run's `eval.json`:", "", "| measure | value |", "|---|---|"]
+    return lines + [f"| {name} | {value} |" for name, value in rows]
+
+
+def model_card(config: dict[str, Any], data: dict[str, Any], evaluation: dict[str, Any] | None = None):
+    """The card of a run: ``config`` as config.json holds it, ``data`` the sizes of U and S."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    train, model = config["train"], config["model"]
+    stable_diffusion = config.get("kind") == "sd"
+    base = model.get("pretrained")
+    method = train["method"]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        tags=["pudm", "positive-unlabeled", "diffusion", method]
+        + (["lora"] if model.get("lora_rank") else []),
+        base_model=base if base and not Path(base).exists() else None,
+        pipeline_tag="text-to-image" if stable_diffusion else "unconditional-image-generation",
+    )
+    sizes = {
+        "U (unlabeled, may hide sensitive items)": data.get("unlabeled"),
+        "S (labeled sensitive)": data.get("sensitive"),
+    }
+    rows = [
+        ("method", method),
+        ("beta (share of sensitive items in U)", _beta_line(train)),
+        *((name, value) for name, value in sizes.items() if value is not None),
+        ("training steps", train["steps"]),
+        ("batch size", train["batch_size"] * train.get("gradient_accumulation_steps", 1)),
+        ("learning rate", train["learning_rate"]),
+        ("base model", base or "none (trained from scratch)"),
+    ]
+    if not stable_diffusion:
+        rows.insert(0, ("preset", config.get("preset")))
+        rows.append(("prediction type", model.get("prediction_type")))
+    if model.get("lora_rank"):
+        rows.append(("LoRA rank", model["lora_rank"]))
+    load = (
+        'pipe = StableDiffusionPipeline.from_pretrained("BASE")\npipe.load_lora_weights("THIS_FOLDER")'
+        if model.get("lora_rank")
+        else 'pipe = DiffusionPipeline.from_pretrained("THIS_FOLDER")'
+    )
+    text = "\n".join(
+        [
+            f"# A pudm `{method}` diffusion model",
+            "",
+            "Trained with pudm (positive-unlabeled diffusion models) on unlabeled data U that may hide "
+            "sensitive items, plus a small labeled set S of sensitive items, so that it generates "
+            "normal data only.",
+            "",
+            "## Training",
+            "",
+            "| setting | value |",
+            "|---|---|",
+            *(f"| {name} | {value} |" for name, value in rows),
+            "",
+            "## Evaluation",
+            "",
+            *_evaluation_lines(evaluation),
+            "",
+            "## Limitations",
+            "",
+            LIMITATION,
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from diffusers import DiffusionPipeline, StableDiffusionPipeline",
+            load,
+            "```",
+            "",
+        ]
+    )
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{text}")
+
+
+def write_card(folder: Path, config: dict[str, Any], data: dict[str, Any], evaluation=None) -> None:
+    """``folder/README.md``, via a temporary file."""
+    path = Path(folder) / CARD
+    tmp = path.with_name(f".{CARD}.tmp")
+    tmp.write_text(str(model_card(config, data, evaluation)), encoding="utf-8")
+    tmp.replace(path)
+
+
+def card_folders(run_dir: Path) -> list[Path]:
+    """The saved model folders of a run that carry a card: pipeline/ and lora/."""
+    return [run_dir / name for name in ("pipeline", "lora") if (run_dir / name).is_dir()]
+
+
+def refresh_cards(run_dir: Path) -> None:
+    """Rewrite the cards of a finished run from its config.json, summary.json and eval.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
+        return
+    config = json.loads((run_dir / "config.json").read_text())
+    data = json.loads((run_dir / "summary.json").read_text()).get("data", {})
+    evaluation = (
+        json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
+    )
+    for folder in card_folders(run_dir):
+        write_card(folder, config, data, evaluation)
