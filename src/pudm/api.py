@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pudm import flags, runs
+from pudm.cards import check_hub, push
 from pudm.config import AUTO, BETA_METHODS, SECTIONS, RunConfig, default_steps
 from pudm.config import preset as _config_preset
 from pudm.errors import UsageError
@@ -335,6 +336,7 @@ def train(
     overwrite: bool = False,
     auto_beta: bool = False,
     show_progress: bool = True,
+    push_to_hub: str | None = None,
 ) -> Run:
     """Train ``config`` into the run folder ``out`` and return the :class:`Run`.
 
@@ -347,6 +349,8 @@ def train(
         auto_beta: estimate beta from U and S first (:func:`estimate_beta`) and train with it; the
             whole estimate is kept in the run's config.
         show_progress: the training progress bar.
+        push_to_hub: upload the saved pipeline (with its model card) to this Hub repository when
+            the run ends; the Hub and a token are checked before anything is trained.
 
     Under ``accelerate launch`` every process calls this; the main process alone writes.
     """
@@ -355,6 +359,8 @@ def train(
     out = Path(out)
     folder = runs.RunFolder(out)
     folder.check(resume, overwrite)
+    if push_to_hub:
+        check_hub(push_to_hub)
     if resume:
         stored = _stored_config(out)
         if config is not None and RunConfig.normalize(config.to_dict()) != stored.to_dict():
@@ -408,7 +414,15 @@ def train(
         )
     state.wait_for_everyone()
     Trainer(config, split, out, show_progress=show_progress).train(resume=resume)
+    _push(out, push_to_hub)
     return Run(out)
+
+
+def _push(out: Path, repo_id: str | None) -> None:
+    from pudm.training import process_state
+
+    if repo_id and process_state().is_main_process:
+        log.info("uploaded to %s", push(out, repo_id))
 
 
 def sd_config(**settings):
@@ -457,6 +471,7 @@ def train_sd(
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    push_to_hub: str | None = None,
 ) -> Run:
     """Fine-tune a Stable Diffusion pipeline (``pudm.sd.SDRunConfig``) into ``out``.
 
@@ -477,6 +492,8 @@ def train_sd(
     out = Path(out)
     folder = runs.RunFolder(out)
     folder.check(resume, overwrite)
+    if push_to_hub:
+        check_hub(push_to_hub)
     if resume:
         if not is_sd_run(out):
             raise UsageError(f"--resume: {out} holds no pudm sd run (no config.json of one): drop --resume")
@@ -543,6 +560,7 @@ def train_sd(
         )
     state.wait_for_everyone()
     SDTrainer(config, data, out, show_progress=show_progress, parts=parts).train(resume=resume)
+    _push(out, push_to_hub)
     return Run(out)
 
 

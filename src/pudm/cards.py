@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pudm.errors import UsageError
+
 CARD = "README.md"
 
 LIMITATION = (
@@ -158,3 +160,39 @@ def refresh_cards(run_dir: Path) -> None:
     )
     for folder in card_folders(run_dir):
         write_card(folder, config, data, evaluation)
+
+
+def check_hub(repo_id: str) -> None:
+    """``--push-to-hub``: the Hub is reachable and a token is there, checked before any training."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    where = f"--push-to-hub {repo_id}"
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise UsageError(f"{where}: give a repository id of the form NAME/MODEL")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UsageError(
+            f"{where}: the Hub is off here (HF_HUB_OFFLINE): drop the flag, upload the folder later"
+        )
+    try:
+        HfApi().whoami()
+    except Exception as error:  # no network, no token, a bad token: nothing has been trained yet
+        raise UsageError(
+            f"{where}: cannot use the Hub ({type(error).__name__}): log in (hf auth login) and check the "
+            "connection, or drop the flag"
+        ) from None
+
+
+def push(run_dir: Path, repo_id: str) -> str:
+    """Upload the run's saved model folder (pipeline/ or lora/, with its card) to ``repo_id``."""
+    from huggingface_hub import HfApi
+
+    folders = card_folders(Path(run_dir))
+    if not folders:
+        raise UsageError(f"--push-to-hub {repo_id}: {run_dir} has no saved model to upload")
+    folder = folders[0]
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="pudm: upload the trained model")
+    return f"https://huggingface.co/{repo_id}"

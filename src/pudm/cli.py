@@ -26,15 +26,10 @@ FLAG = "flag"  # an option table's type for a store_true option
 
 
 def _train_flags() -> list[flags.Flag]:
-    found = flags.flags_of(SECTIONS, "train")
-    for flag in found:
-        if flag.name == "beta":
-            flag.argparse["type"] = flags.beta_value  # a number, or auto
-    return found
+    return flags.flags_of(SECTIONS, "train")
 
 
-def _data_flags() -> list[flags.Flag]:
-    """Which U, S and test split: the data options shared by train and estimate-prior."""
+def _data_flags() -> list[flags.Flag]:  # which U, S and test split: train's and estimate-prior's
     return flags.flags_of({"data": DataConfig}, "estimate-prior")
 
 
@@ -58,6 +53,12 @@ CONFIG_OPTIONS = (
     ("--print-config", FLAG, False, "print the resolved config (as config.json holds it) and exit"),
 )
 QUIET_OPTION = ("--quiet", FLAG, False, "no progress bar")
+PUSH_OPTION = (
+    "--push-to-hub",
+    str,
+    None,
+    "upload the saved model (and its card) to this Hub repo at the end",
+)
 SAMPLE_OPTIONS = (
     ("run", Path, None, "run folder or pipeline folder"),
     ("--num", int, 64, "number of samples (default 64)"),
@@ -180,7 +181,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def _run_mode(args: argparse.Namespace) -> dict:
-    return {"resume": args.resume, "overwrite": args.overwrite, "show_progress": not args.quiet}
+    return {**_pick(args, "resume", "overwrite", "push_to_hub"), "show_progress": not args.quiet}
 
 
 def _done(args: argparse.Namespace, config, was_complete: bool, saved: str) -> int:
@@ -200,18 +201,14 @@ def command_sample(args: argparse.Namespace) -> int:
     of uint8 images (key 'images', shape N,H,W,C).
     """
     from pudm import api
-    from pudm.sampling import save_samples
+    from pudm.sampling import check_sample_files, save_samples
     from pudm.sd import is_sd_run
 
     if args.num <= 0:
         raise UsageError(f"--num must be > 0, got {args.num}")
     if args.steps is not None and args.steps <= 0:
         raise UsageError(f"--steps must be > 0, got {args.steps}")
-    for out in args.out:
-        if out.suffix not in (".png", ".npz"):
-            raise UsageError(f"--out {out}: use a .png (grid) or .npz (uint8 array) file name")
-        if not out.parent.exists() and str(out.parent):
-            raise UsageError(f"--out {out}: folder {out.parent} does not exist: create it first")
+    check_sample_files(args.out)
     keys = ("sampler", "steps", "class_label", "prompt", "guidance_scale")
     images, how = api.sample_described(args.run, args.num, args.seed, **_pick(args, *keys))
     for out in args.out:
@@ -288,11 +285,9 @@ def command_classifier_train(args: argparse.Namespace) -> int:
 
     api.check_classifier_arguments(args.out, args.arch, args.epochs, args.overwrite)
     config = None
-    if args.normal is None and args.sensitive is None:
-        config = preset(args.preset)
-        if args.data_dir is not None:
-            config.data.data_dir = str(args.data_dir.resolve())
-        config.data.download = args.download
+    if args.normal is None and args.sensitive is None:  # a preset's labeled data
+        extra = {"data_dir": args.data_dir} if args.data_dir is not None else {}
+        config = api.customize(preset(args.preset), no_download=args.download, **extra)
     keys = ("normal", "sensitive", "arch", "epochs", "seed", "image_size", "channels", "strict", "weights")
     classifier = api.train_classifier(args.out, config, overwrite=args.overwrite, **_pick(args, *keys))
     lines = classifier.info.describe()
@@ -413,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(groups[RUN_GROUP], [train_out])
     mode = groups[RUN_GROUP].add_mutually_exclusive_group()
     _add_options(mode, [RESUME_OPTION, ("--overwrite", FLAG, False, "replace the run in --out")])
-    _add_options(groups[RUN_GROUP], [QUIET_OPTION])
+    _add_options(groups[RUN_GROUP], [QUIET_OPTION, PUSH_OPTION])
     flags.add(train, _train_flags(), groups)
 
     _command(sub, "sample", command_sample, SAMPLE_OPTIONS)
@@ -429,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     _command(sub, "evaluate", command_evaluate, EVALUATE_OPTIONS)
     sd = _command(sub, "sd", command_sd)
     overwrite = ("--overwrite", FLAG, False, "replace a finished or broken run in --out")
-    flags.add(sd, _sd_flags(), _run_groups(sd, [OUT_OPTION, RESUME_OPTION, overwrite, QUIET_OPTION]))
+    flags.add(
+        sd, _sd_flags(), _run_groups(sd, [OUT_OPTION, RESUME_OPTION, overwrite, QUIET_OPTION, PUSH_OPTION])
+    )
     for name, doc in (("benchmark", None), ("demo", DEMO_DOC)):
         out = ("--out", Path, Path(f"runs/{name}"), f"benchmark folder (default runs/{name})")
         quiet = ("--quiet", FLAG, False, "no progress bars")

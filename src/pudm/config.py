@@ -14,7 +14,7 @@ from typing import Any
 
 from pudm.datasets import SOURCES
 from pudm.errors import UsageError
-from pudm.flags import AUTO  # noqa: F401  (--beta auto: estimate beta from U and S first)
+from pudm.flags import AUTO, beta_value  # noqa: F401  (AUTO: --beta auto, estimate it from U and S)
 from pudm.objectives import CORRECTIONS
 
 TRAIN_METHODS = ("unsupervised", "supervised", "pu", "filter", "oracle", "pu-bounded", "weighted", "reject")
@@ -153,6 +153,7 @@ class TrainConfig:
             "sd": "share of sensitive items in U, in [0, 1) (default 0.2)",
         },
         group="objective",
+        type=beta_value,  # a number, or auto
     )
     correction: str = flag(
         "abs", f"PU correction: {' or '.join(CORRECTIONS)} (default abs, as the paper)", group="objective"
@@ -369,6 +370,8 @@ def validate_train(
         raise error(f"unknown method {train.method!r}; choose one of {', '.join(methods)}")
     if train.correction not in CORRECTIONS:
         raise error(f"unknown correction {train.correction!r}; choose one of {', '.join(CORRECTIONS)}")
+    if train.beta == AUTO:
+        raise error("--beta auto estimates beta before training: pudm train only (the API: auto_beta=True)")
     if not 0.0 <= train.beta < 1.0:
         raise error(f"--beta must be in [0, 1), got {train.beta}")
     positive = {

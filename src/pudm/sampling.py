@@ -105,6 +105,15 @@ def save_grid(images: np.ndarray, path: Path, columns: int | None = None, scale:
     save_png(make_grid(images, columns), path, scale)
 
 
+def check_sample_files(paths: list[Path]) -> None:
+    """Where :func:`save_samples` can write: ``.png`` or ``.npz`` names in folders that exist."""
+    for path in map(Path, paths):
+        if path.suffix not in (".png", ".npz"):
+            raise UsageError(f"--out {path}: use a .png (grid) or .npz (uint8 array) file name")
+        if not path.parent.exists() and str(path.parent):
+            raise UsageError(f"--out {path}: folder {path.parent} does not exist: create it first")
+
+
 def save_samples(images: np.ndarray, path: Path, scale: int = 4) -> None:
     """uint8 images (N, H, W, C) to ``FILE.png`` (a grid) or ``FILE.npz`` (key ``images``), atomically."""
     path = Path(path)
