@@ -282,6 +282,12 @@ def _use_pretrained(config: RunConfig, pretrained: str, settings: dict) -> None:
         config.sample.sampler, config.sample.steps = "ddim", settings.get("sample_steps") or 50
 
 
+def _check_trackers(report_to: str) -> None:
+    from pudm.training import check_trackers
+
+    check_trackers(report_to)
+
+
 def _stored_config(out: Path) -> RunConfig:
     if not runs.holds_run(out):
         raise UsageError(f"--resume: {out} holds no run (no config.json): run without --resume")
@@ -337,6 +343,7 @@ def train(
     auto_beta: bool = False,
     show_progress: bool = True,
     push_to_hub: str | None = None,
+    report_to: str = "none",
 ) -> Run:
     """Train ``config`` into the run folder ``out`` and return the :class:`Run`.
 
@@ -351,6 +358,8 @@ def train(
         show_progress: the training progress bar.
         push_to_hub: upload the saved pipeline (with its model card) to this Hub repository when
             the run ends; the Hub and a token are checked before anything is trained.
+        report_to: ``"tensorboard"``, ``"wandb"``, ``"all"`` or ``"none"``: experiment trackers
+            (through accelerate) that mirror metrics.jsonl and get the sample grid; RUN/logs/.
 
     Under ``accelerate launch`` every process calls this; the main process alone writes.
     """
@@ -359,6 +368,7 @@ def train(
     out = Path(out)
     folder = runs.RunFolder(out)
     folder.check(resume, overwrite)
+    _check_trackers(report_to)
     if push_to_hub:
         check_hub(push_to_hub)
     if resume:
@@ -413,7 +423,7 @@ def train(
             out,
         )
     state.wait_for_everyone()
-    Trainer(config, split, out, show_progress=show_progress).train(resume=resume)
+    Trainer(config, split, out, show_progress=show_progress, report_to=report_to).train(resume=resume)
     _push(out, push_to_hub)
     return Run(out)
 
@@ -472,6 +482,7 @@ def train_sd(
     overwrite: bool = False,
     show_progress: bool = True,
     push_to_hub: str | None = None,
+    report_to: str = "none",
 ) -> Run:
     """Fine-tune a Stable Diffusion pipeline (``pudm.sd.SDRunConfig``) into ``out``.
 
@@ -492,6 +503,7 @@ def train_sd(
     out = Path(out)
     folder = runs.RunFolder(out)
     folder.check(resume, overwrite)
+    _check_trackers(report_to)
     if push_to_hub:
         check_hub(push_to_hub)
     if resume:
@@ -559,7 +571,9 @@ def train_sd(
             out,
         )
     state.wait_for_everyone()
-    SDTrainer(config, data, out, show_progress=show_progress, parts=parts).train(resume=resume)
+    SDTrainer(config, data, out, show_progress=show_progress, parts=parts, report_to=report_to).train(
+        resume=resume
+    )
     _push(out, push_to_hub)
     return Run(out)
 

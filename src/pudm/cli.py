@@ -53,11 +53,9 @@ CONFIG_OPTIONS = (
     ("--print-config", FLAG, False, "print the resolved config (as config.json holds it) and exit"),
 )
 QUIET_OPTION = ("--quiet", FLAG, False, "no progress bar")
-PUSH_OPTION = (
-    "--push-to-hub",
-    str,
-    None,
-    "upload the saved model (and its card) to this Hub repo at the end",
+RUN_END_OPTIONS = (
+    ("--push-to-hub", str, None, "upload the saved model and its card to this Hub repo at the end"),
+    ("--report-to", ("none", "tensorboard", "wandb", "all"), "none", "experiment trackers (into RUN/logs)"),
 )
 SAMPLE_OPTIONS = (
     ("run", Path, None, "run folder or pipeline folder"),
@@ -181,7 +179,7 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def _run_mode(args: argparse.Namespace) -> dict:
-    return {**_pick(args, "resume", "overwrite", "push_to_hub"), "show_progress": not args.quiet}
+    return {**_pick(args, "resume", "overwrite", "push_to_hub", "report_to"), "show_progress": not args.quiet}
 
 
 def _done(args: argparse.Namespace, config, was_complete: bool, saved: str) -> int:
@@ -408,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(groups[RUN_GROUP], [train_out])
     mode = groups[RUN_GROUP].add_mutually_exclusive_group()
     _add_options(mode, [RESUME_OPTION, ("--overwrite", FLAG, False, "replace the run in --out")])
-    _add_options(groups[RUN_GROUP], [QUIET_OPTION, PUSH_OPTION])
+    _add_options(groups[RUN_GROUP], [QUIET_OPTION, *RUN_END_OPTIONS])
     flags.add(train, _train_flags(), groups)
 
     _command(sub, "sample", command_sample, SAMPLE_OPTIONS)
@@ -425,7 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     sd = _command(sub, "sd", command_sd)
     overwrite = ("--overwrite", FLAG, False, "replace a finished or broken run in --out")
     flags.add(
-        sd, _sd_flags(), _run_groups(sd, [OUT_OPTION, RESUME_OPTION, overwrite, QUIET_OPTION, PUSH_OPTION])
+        sd,
+        _sd_flags(),
+        _run_groups(sd, [OUT_OPTION, RESUME_OPTION, overwrite, QUIET_OPTION, *RUN_END_OPTIONS]),
     )
     for name, doc in (("benchmark", None), ("demo", DEMO_DOC)):
         out = ("--out", Path, Path(f"runs/{name}"), f"benchmark folder (default runs/{name})")

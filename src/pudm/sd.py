@@ -621,10 +621,10 @@ class SDTrainer(Trainer):
         accelerator=None,
         show_progress: bool = True,
         parts: SDParts | None = None,
+        report_to: str = "none",
     ):
-        super().__init__(
-            config, None, run_dir, accelerator, show_progress, task=LatentTask(config, data, parts)
-        )
+        task = LatentTask(config, data, parts)
+        super().__init__(config, None, run_dir, accelerator, show_progress, task=task, report_to=report_to)
 
     @property
     def vae(self):

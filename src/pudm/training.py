@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import signal
 import threading
@@ -52,8 +53,38 @@ def process_state() -> PartialState:
     return PartialState(cpu=launched_on_cpus())
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """An Accelerator with this run's autocast dtype.
+TRACKERS = ("tensorboard", "wandb")
+LOGS = "logs"  # RUN/logs/: what the trackers write (TensorBoard event files)
+
+
+def check_trackers(report_to: str) -> list[str]:
+    """``--report-to``: none, tensorboard, wandb or all; a tracker that is not installed is a
+    one-line error naming the extra that brings it."""
+    import importlib.util
+
+    if report_to not in ("none", "all", *TRACKERS):
+        raise UsageError(f"--report-to must be none, tensorboard, wandb or all, got {report_to!r}")
+    wanted = [] if report_to == "none" else list(TRACKERS) if report_to == "all" else [report_to]
+    for name in wanted:
+        if importlib.util.find_spec(name) is None:
+            raise UsageError(f"--report-to {name}: {name} is not installed: pip install 'pudm[{name}]'")
+    return wanted
+
+
+def tracker_config(config) -> dict:
+    """The run's config flattened for a tracker's hyperparameters (scalars and strings only)."""
+    flat = {}
+    for section, values in config.to_dict().items():
+        for key, value in values.items() if isinstance(values, dict) else [("", values)]:
+            name = f"{section}.{key}" if key else section
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def make_accelerator(
+    mixed_precision: str, trackers: list[str] | None = None, run_dir: Path | None = None
+) -> Accelerator:
+    """An Accelerator with this run's autocast dtype (and its trackers, logging into RUN/logs).
 
     accelerate keeps one process-wide state and refuses a second precision; a process that trains
     several runs (a benchmark, a notebook) gets each run's own. The process group is kept.
@@ -61,7 +92,12 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=launched_on_cpus())
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=launched_on_cpus(),
+        log_with=trackers or None,
+        project_dir=run_dir if trackers else None,
+    )
 
 
 def per_sample_denoising_loss(
@@ -573,12 +609,16 @@ class Trainer:
         accelerator: Accelerator | None = None,
         show_progress: bool = True,
         task=None,
+        report_to: str = "none",
     ):
         config.validate()
         self.config = config
         self.task = task or PixelTask(config, split)
         self.run_dir = Path(run_dir)
-        self.accelerator = accelerator or make_accelerator(config.train.mixed_precision)
+        self.trackers = check_trackers(report_to)
+        self.accelerator = accelerator or make_accelerator(
+            config.train.mixed_precision, self.trackers, self.run_dir
+        )
         self.show_progress = show_progress
         self.last_metrics: dict[str, float] = {}
 
@@ -683,9 +723,13 @@ class Trainer:
         before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.config.train.allow_tf32
         try:
+            if self.trackers:  # metrics.jsonl stays the record resume relies on; trackers mirror it
+                self.accelerator.init_trackers(LOGS, config=tracker_config(self.config))
             return self._train(resume)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+            if self.trackers:
+                self.accelerator.end_training()
 
     def _train(self, resume: bool) -> TrainResult:
         cfg, accelerator = self.config, self.accelerator
@@ -901,6 +945,9 @@ class Trainer:
         }
         if self.accelerator.is_main_process:
             runs.append_jsonl(self.run_dir / "metrics.jsonl", self.last_metrics)
+        if self.trackers:
+            finite = {k: v for k, v in self.last_metrics.items() if k != "step" and math.isfinite(v)}
+            self.accelerator.log(finite, step=step)
         progress.set_postfix(progress_fields(self.config.train.method, means), refresh=False)
 
     def _checkpoint(self, step: int) -> None:
@@ -923,10 +970,24 @@ class Trainer:
             keep=self.config.train.keep_checkpoints,
         )
 
+    def _log_grid(self) -> None:
+        """The end-of-run sample grid, to every tracker."""
+        import numpy as np
+        from PIL import Image
+
+        grid = np.asarray(Image.open(self.run_dir / "samples.png").convert("RGB"))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": grid[None]}, step=self.config.train.steps, dataformats="NHWC")
+            else:
+                tracker.log_images({"samples": [grid]}, step=self.config.train.steps)
+
     def _finish(self) -> None:
         """What the task saves (pipeline, grid), then summary.json, last: its presence marks a
         complete run."""
         self.task.finish(self)
+        if self.trackers and (self.run_dir / "samples.png").is_file():
+            self._log_grid()
         runs.atomic_write_json(
             self.run_dir / runs.SUMMARY,
             {
