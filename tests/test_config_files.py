@@ -107,3 +107,36 @@ def test_load_config_is_the_api_of_the_same(tmp_path):
     assert (config.preset, config.train.method, config.train.steps) == ("digits_even", "weighted", 9)
     with pytest.raises(pudm.UsageError, match="unknown key train.epochs"):
         pudm.load_config(_toml(tmp_path / "bad.toml", "[train]\nepochs = 2\n"))
+
+
+def test_paths_in_a_file_are_the_files_and_folder_flags_need_a_folders_preset(tmp_path, capsys):
+    (tmp_path / "conf").mkdir()
+    file = _toml(
+        tmp_path / "conf" / "run.toml",
+        'preset = "folders"\n[data]\nunlabeled_dir = "U"\nsensitive_dir = "../S"\n',
+    )
+    config = pudm.read_config_file(file)
+    assert config.data.unlabeled_dir == str((tmp_path / "conf" / "U").resolve())
+    assert config.data.sensitive_dir == str((tmp_path / "S").resolve())
+    digits = _toml(tmp_path / "digits.toml", "[train]\nsteps = 2\n")
+    assert (
+        main(["train", "--config", str(digits), "--unlabeled", str(tmp_path), "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert "brings its own data" in capsys.readouterr().err
+    assert main(["train", "--resume", "--print-config"]) == 2
+    assert "required: --out" in capsys.readouterr().err
+    bad = _toml(tmp_path / "bad.toml", '[model]\nblock_out_channels = [32, "x", 64]\n')
+    with pytest.raises(pudm.UsageError, match="block_out_channels must be a list of int"):
+        pudm.read_config_file(bad)
+
+
+def test_a_beta_given_over_a_run_config_drops_that_runs_estimate(tmp_path):
+    stored = pudm.preset("digits_even").to_dict()
+    stored["train"]["beta"] = 0.08
+    stored["train"]["beta_estimate"] = {"beta": 0.08, "low": 0.05, "high": 0.12, "method": "bbe"}
+    file = tmp_path / "config.json"
+    file.write_text(json.dumps(stored))
+    assert pudm.load_config(file).train.beta_estimate["low"] == 0.05  # like that run: its estimate
+    again = pudm.load_config(file, beta=0.3)
+    assert again.train.beta == 0.3 and again.train.beta_estimate is None

@@ -166,6 +166,14 @@ def customize(
     from pudm.models import model_preset
     from pudm.training import SET_CLASSES
 
+    folders = [name for name in ("unlabeled", "sensitive", "test") if settings.get(name) is not None]
+    if folders and config.data.source != "folders":
+        raise UsageError(
+            f"--{folders[0]} gives image folders, and preset {config.preset} brings its own data: "
+            "drop --preset (or use --preset folders)"
+        )
+    if settings.get("beta") is not None:
+        config.train.beta_estimate = None  # a beta given now is not the estimate of another run
     if model is not None:
         prediction_type = config.model.prediction_type  # the preset's, unless a setting changes it
         config.model = model_preset(model)
@@ -178,12 +186,29 @@ def customize(
     return config
 
 
-def load_config(path: PathLike) -> RunConfig:
+def load_config(path: PathLike, **settings) -> RunConfig:
+    """A run's config from a file (:func:`read_config_file`) with ``settings`` (flag names, and
+    ``model``, ``pretrained``, ``class_conditional``, as :func:`preset`) applied over it, checked.
+    An error about a value of the file names the file and the key."""
+    config = read_config_file(path)
+    if config.model.pretrained and config.model.pretrained_image_size is None:  # a preset that fine-tunes
+        settings["pretrained"] = settings.get("pretrained") or config.model.pretrained
+    config = customize(config, **settings)
+    try:
+        config.validate()
+    except UsageError as error:
+        raise config_file_error(path, error, settings) from None
+    return config
+
+
+def read_config_file(path: PathLike) -> RunConfig:
     """A run's config from a file: TOML (``preset = "..."`` and any of the sections ``[data]``,
     ``[model]``, ``[train]``, ``[sample]`` with the field names of a run's config.json; what is
     not given is the preset's), or a run's own ``config.json`` ("train again like that run").
 
-    Unknown keys, wrong types and values out of range raise :class:`UsageError` naming the key.
+    Paths in the file (folders, ``data_dir``, a local ``pretrained``) are relative to the file's
+    folder. Unknown keys and wrong types raise :class:`UsageError` naming the key; the ranges are
+    checked by :func:`load_config`, once settings given beside the file are applied.
     """
     import tomllib
 
@@ -218,15 +243,26 @@ def load_config(path: PathLike) -> RunConfig:
         if not isinstance(given, dict):
             raise UsageError(f"{where}: {section} must be a table ([{section}]), got {given!r}")
         for key, value in given.items():
-            stored[section][key] = _checked_value(where, section, kind, key, value)
-    config = RunConfig.from_dict(stored)
-    try:
-        config.validate()
-    except UsageError as error:
-        keys = [f for f in flags.flags_of(SECTIONS, "train") if str(error).startswith(f.option + " ")]
-        named = f" (key {keys[0].section}.{keys[0].field})" if keys else ""
-        raise UsageError(f"{where}: {error}{named}") from None
-    return config
+            value = _checked_value(where, section, kind, key, value)
+            if isinstance(value, str) and key in _PATH_FIELDS.get(section, ()):
+                relative = path.parent / value
+                value = str(relative.resolve()) if key != "pretrained" or relative.exists() else value
+            stored[section][key] = value
+    return RunConfig.from_dict(stored)
+
+
+# The fields of a config file that hold paths, resolved against the file's folder.
+_PATH_FIELDS = {"data": ("data_dir", "unlabeled_dir", "sensitive_dir", "test_dir"), "model": ("pretrained",)}
+
+
+def config_file_error(path: PathLike, error: UsageError, given: dict | None = None) -> UsageError:
+    """A range error of a config from ``--config path``, naming the file and the key; ``given``:
+    the flags given beside the file (an error about one of those is the flag's, not the file's)."""
+    keys = [f for f in flags.flags_of(SECTIONS, "train") if str(error).startswith(f.option + " ")]
+    if keys and given and keys[0].name in given:
+        return error
+    named = f" (key {keys[0].section}.{keys[0].field})" if keys else ""
+    return UsageError(f"--config {path}: {error}{named}")
 
 
 _TYPE_NAMES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,)}
@@ -255,6 +291,9 @@ def _checked_value(where: str, section: str, kind: type, key: str, value):
     if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
         expected = " or ".join(sorted({t.__name__.replace("NoneType", "null") for t in allowed}))
         raise UsageError(f"{where}: {section}.{key} must be {expected}, got {value!r}")
+    element = str(fields[key].type).replace(" ", "")
+    if element.startswith("tuple[int") and any(type(item) is not int for item in value):
+        raise UsageError(f"{where}: {section}.{key} must be a list of int, got {value!r}")
     if str(fields[key].type).startswith("float") and type(value) is int:
         return float(value)  # a float field given as 1 stores 1.0, as the flag does
     return value
@@ -395,6 +434,7 @@ def train(
         for warning in estimate.warnings:
             log.warning("warning: %s", warning)
     if resume and folder.complete:
+        _push(out, push_to_hub)
         return Run(out)
     # Under `accelerate launch` every process runs this: all of them validate, then the main
     # process alone touches the folder while the others wait.
@@ -528,6 +568,7 @@ def train_sd(
                 "put them back, or start a new run with --overwrite"
             )
         if folder.complete:
+            _push(out, push_to_hub)
             return Run(out)
     state = process_state()
     if not resume:

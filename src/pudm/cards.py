@@ -24,6 +24,12 @@ LIMITATION = (
     "did not see. Do not rely on this model where a single sensitive sample is unacceptable."
 )
 
+REJECT_NOTE = (
+    "**This folder holds the unsupervised model alone.** A `reject` run's figures come from pudm's "
+    "sampler, which drops the samples its S-vs-U classifier (the run's `rejector/` folder) calls "
+    "sensitive; a pipeline loaded from this folder does not reject anything."
+)
+
 
 def _beta_line(train: dict[str, Any]) -> str:
     if train["method"] not in ("pu", "pu-bounded", "weighted", "filter", "reject"):
@@ -122,6 +128,7 @@ def model_card(config: dict[str, Any], data: dict[str, Any], evaluation: dict[st
             "## Limitations",
             "",
             LIMITATION,
+            *(["", REJECT_NOTE] if method == "reject" else []),
             "",
             "## Use",
             "",
@@ -193,6 +200,6 @@ def push(run_dir: Path, repo_id: str) -> str:
         raise UsageError(f"--push-to-hub {repo_id}: {run_dir} has no saved model to upload")
     folder = folders[0]
     api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
+    api.create_repo(repo_id, exist_ok=True, private=True)  # a model of sensitive data: the owner opens it
     api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="pudm: upload the trained model")
     return f"https://huggingface.co/{repo_id}"

@@ -143,14 +143,13 @@ def resolve_config(args: argparse.Namespace):
     if settings.get("beta") == AUTO:
         del settings["beta"]  # estimated by api.train(auto_beta=True)
     extra = _pick(args, "model", "pretrained", "class_conditional") if train else {}
-    if train and args.config is not None:
-        if args.preset is not None:
-            raise UsageError("--preset: --config names its own preset: give one of them")
-        config = api.customize(api.load_config(args.config), **extra, **settings)
-    else:
+    if not (train and args.config is not None):
         config = api.preset(args.preset, **extra, **settings)
-    config.validate()
-    return config
+        config.validate()
+        return config
+    if args.preset is not None:
+        raise UsageError("--preset: --config names its own preset: give one of them")
+    return api.load_config(args.config, **extra, **settings)
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -161,11 +160,11 @@ def command_train(args: argparse.Namespace) -> int:
     """
     from pudm import api
 
-    if args.out is None and not args.print_config:
+    if args.out is None and (args.resume or not args.print_config):
         raise UsageError("the following arguments are required: --out (see pudm train --help)")
     if args.resume and args.config is not None:
         raise UsageError("--config: a resumed run keeps its own config: drop --config")
-    if args.out is not None:
+    if not args.print_config:
         runs.RunFolder(args.out).check(args.resume, args.overwrite)
     given = {**_pick(args, "preset", "model", "pretrained"), **flags.given(args, _train_flags())}
     config = api.resume_config(args.out, **given) if args.resume else resolve_config(args)

@@ -560,7 +560,9 @@ class LatentTask:
                 item_mean, item_std = mean[index.to(mean.device)], std[index.to(std.device)]
                 conditioning = embeddings[caption[index]]
             else:
-                item_mean, item_std = encode_posterior(self.vae, pixels[index.cpu()], batch_size=len(index))
+                item_mean, item_std = encode_posterior(
+                    self.vae, pixels[index.cpu()], batch_size=cfg.train.batch_size
+                )
                 with torch.no_grad():
                     conditioning = self.text_encoder(tokens[caption[index]])[0].float()
             latents = latents_from_posterior(self.vae, item_mean, item_std, draw)

@@ -54,7 +54,7 @@ def process_state() -> PartialState:
 
 
 TRACKERS = ("tensorboard", "wandb")
-LOGS = "logs"  # RUN/logs/: what the trackers write (TensorBoard event files)
+LOGS = "logs"  # RUN/logs/: what the trackers write (TensorBoard: RUN/logs/pudm, wandb: RUN/logs/wandb)
 
 
 def check_trackers(report_to: str) -> list[str]:
@@ -96,7 +96,7 @@ def make_accelerator(
         mixed_precision=mixed_precision,
         cpu=launched_on_cpus(),
         log_with=trackers or None,
-        project_dir=run_dir if trackers else None,
+        project_dir=run_dir / LOGS if trackers else None,
     )
 
 
@@ -723,13 +723,22 @@ class Trainer:
         before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.config.train.allow_tf32
         try:
-            if self.trackers:  # metrics.jsonl stays the record resume relies on; trackers mirror it
-                self.accelerator.init_trackers(LOGS, config=tracker_config(self.config))
             return self._train(resume)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-            if self.trackers:
-                self.accelerator.end_training()
+            for tracker in self.accelerator.trackers if self.trackers else ():
+                tracker.finish()  # not accelerator.end_training(): that ends the process group too
+
+    def _start_trackers(self, start_step: int) -> None:
+        """Trackers mirror metrics.jsonl (which stays the record resume relies on). A resumed run
+        drops what TensorBoard holds past its checkpoint, as metrics.jsonl does."""
+        options = {
+            "tensorboard": {"purge_step": start_step + 1} if start_step else {},
+            "wandb": {"name": self.run_dir.name, "dir": str(self.run_dir / LOGS)},
+        }
+        if self.accelerator.is_main_process:
+            (self.run_dir / LOGS).mkdir(exist_ok=True)
+        self.accelerator.init_trackers("pudm", config=tracker_config(self.config), init_kwargs=options)
 
     def _train(self, resume: bool) -> TrainResult:
         cfg, accelerator = self.config, self.accelerator
@@ -738,6 +747,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             runs.atomic_write_json(self.run_dir / runs.CONFIG, cfg.to_dict())
         start_step = self._restore() if resume else 0
+        if self.trackers:
+            self._start_trackers(start_step)
         self._prepare()
         device = accelerator.device
         # add_noise indexes alphas_cumprod by the timesteps: keep both on the device.
