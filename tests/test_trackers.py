@@ -12,6 +12,7 @@ TINY += ["--quiet"]
 
 
 def test_tensorboard_event_files_hold_the_loss_scalars_and_the_grid(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra (scripts/setup.sh installs it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
@@ -38,6 +39,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_naming_the_extra(tmp_path, 
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra (scripts/setup.sh installs it)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
