@@ -330,9 +330,7 @@ class RunConfig(StoredConfig):
             "--sample-steps": sample.steps,
             "--grid-size": sample.grid_size,
         }
-        for name, value in positive.items():
-            if value <= 0:
-                raise UsageError(f"{name} must be > 0, got {value}")
+        check_positive(positive)
         if self.model.prediction_type not in PREDICTION_TYPES:
             raise UsageError(
                 f"unknown prediction type {self.model.prediction_type!r}; choose one of "
@@ -355,6 +353,13 @@ class RunConfig(StoredConfig):
         k, batch = data.sensitive_per_batch, train.batch_size * train.gradient_accumulation_steps
         if k is not None and not 0 < k < batch:
             raise UsageError(f"--sensitive-per-batch must be in [1, batch size {batch}), got {k}")
+
+
+def check_positive(values: dict[str, Any], error: type = UsageError) -> None:
+    """Each ``{flag: value}`` must be > 0; ``error``: the run's own UsageError subclass."""
+    for name, value in values.items():
+        if value <= 0:
+            raise error(f"{name} must be > 0, got {value}")
 
 
 def validate_train(
@@ -384,9 +389,7 @@ def validate_train(
         "--filter-epochs": train.filter_epochs,
         "--gradient-accumulation-steps": train.gradient_accumulation_steps,
     }
-    for name, value in positive.items():
-        if value <= 0:
-            raise error(f"{name} must be > 0, got {value}")
+    check_positive(positive, error)
     if train.warm_start_steps < 0 or (steps_known and train.warm_start_steps >= train.steps):
         raise error(f"--warm-start-steps must be in [0, --steps {train.steps}), got {train.warm_start_steps}")
     check_warm_start(train)

@@ -38,6 +38,7 @@ from pudm.config import (
     SAMPLERS,
     StoredConfig,
     TrainConfig,
+    check_positive,
     flag,
     section_from_dict,
     validate_train,
@@ -190,9 +191,7 @@ class SDRunConfig(StoredConfig):
         if train.method != "unsupervised" and not data.sensitive:
             raise SDError(f"method {train.method} needs --sensitive DIR (the labeled sensitive images)")
         positive = {"--resolution": data.resolution, "--sample-steps": sample.steps}
-        for name, value in positive.items():
-            if value <= 0:
-                raise SDError(f"{name} must be > 0, got {value}")
+        check_positive(positive, SDError)
         if data.resolution % 8:
             raise SDError(f"--resolution must be a multiple of 8 (the VAE's factor), got {data.resolution}")
         if model.lora_rank < 0:

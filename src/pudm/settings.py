@@ -43,20 +43,12 @@ def preset(
         settings: any setting by its flag's name, ``method="pu", steps=3000, beta=0.1,
             sample_steps=20`` (``pudm train --help`` lists them).
     """
-    folders = {"unlabeled_dir": unlabeled, "sensitive_dir": sensitive, "test_dir": test}
-    given = {field: value for field, value in folders.items() if value is not None}
+    folders = {"unlabeled": unlabeled, "sensitive": sensitive, "test": test}
+    given = {flag: value for flag, value in folders.items() if value is not None}
     config = _config_preset(name or ("folders" if given else "digits_even"))
-    if given and config.data.source != "folders":
-        flag = next(iter(given)).removesuffix("_dir")
-        raise UsageError(
-            f"--{flag} gives image folders, and preset {config.preset} brings its own data: "
-            "drop --preset (or use --preset folders)"
-        )
-    for field, value in given.items():
-        setattr(config.data, field, str(Path(value).resolve()))
     pretrained = pretrained or config.model.pretrained
     return customize(
-        config, model=model, pretrained=pretrained, class_conditional=class_conditional, **settings
+        config, model=model, pretrained=pretrained, class_conditional=class_conditional, **given, **settings
     )
 
 
