@@ -138,3 +138,30 @@ def test_sd_config_applies_the_paper_defaults_that_follow_from_the_settings(tmp_
     assert pu.train.learning_rate == 1e-5 and pu.model.epochs is None and pu.train.steps == 5
     with pytest.raises(pudm.UsageError, match="give --steps or --epochs, not both"):
         pudm.sd_config(pretrained="x", unlabeled=tmp_path, steps=5, epochs=2)
+
+
+def test_a_pu_model_with_the_epsilon_loss_never_defaults_to_a_deterministic_sampler(tmp_path, caplog):
+    """Such a model broke DDIM (README, "Defaults across samplers"): pudm does not make a
+    deterministic sampler its default, and says so when one is asked for."""
+    import logging
+
+    assert pudm.preset("MNIST_even", method="unsupervised").sample.sampler == "ddim"  # the paper's
+    config = pudm.preset("MNIST_even", method="pu")
+    assert (config.sample.sampler, config.sample.steps) == ("dpm-sde", 10)
+    assert pudm.preset("MNIST_even", method="pu", sample_steps=25).sample.steps == 25
+    assert pudm.preset("MNIST_even", method="pu", prediction_type="v_prediction").sample.sampler == "ddim"
+    assert pudm.preset("MNIST_even", method="pu", sampler="dpm").sample.sampler == "dpm"  # asked for
+
+    config = pudm.preset(
+        "digits_even", method="pu", prediction_type="epsilon", sampler="ddim", steps=4, batch_size=8
+    )
+    config.sample.steps, config.sample.grid_size = 2, 4
+    with caplog.at_level(logging.WARNING, logger="pudm"):
+        run = pudm.train(config, tmp_path / "run", show_progress=False)
+    assert "break the deterministic ddim sampler" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pudm"):
+        pudm.sample(run, num=2, steps=2, sampler="dpm-sde")
+        assert "break the deterministic" not in caplog.text
+        pudm.sample(run, num=2, steps=2)  # the run's own ddim
+    assert "break the deterministic ddim sampler" in caplog.text

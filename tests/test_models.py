@@ -22,6 +22,16 @@ def test_small_preset_is_small_and_digits_use_v_prediction():
     assert sum(p.numel() for p in unet.parameters()) < 2_000_000
     assert preset("digits_even").model.prediction_type == "v_prediction"
     assert ModelConfig().prediction_type == "epsilon", "the paper's loss stays the library default"
+    assert preset("MNIST_even").model.prediction_type == "epsilon", "the paper presets keep the paper's"
+
+
+def test_folder_preset_uses_v_prediction_unless_told_otherwise():
+    """Folder defaults: the v loss (PU with the epsilon loss broke deterministic samplers)."""
+    from pudm.settings import preset as with_settings
+
+    assert preset("folders").model.prediction_type == "v_prediction"
+    told = with_settings("folders", unlabeled="U", sensitive="S", prediction_type="epsilon")
+    assert told.model.prediction_type == "epsilon"
 
 
 def test_image_size_must_fit_the_unet_depth():

@@ -25,7 +25,7 @@ import numpy as np
 
 from pudm import runs
 from pudm.cards import check_hub, push
-from pudm.config import BETA_METHODS, RunConfig, default_steps
+from pudm.config import BETA_METHODS, RunConfig, default_steps, sampler_caution
 from pudm.config import preset as _config_preset
 from pudm.errors import UsageError
 from pudm.settings import (  # noqa: F401  (the API's config builders live in pudm.settings)
@@ -175,6 +175,9 @@ def train(
     if config is None:
         raise UsageError("train needs a config (pudm.preset(...)) unless it resumes a run")
     config.validate()
+    caution = sampler_caution(config.train.method, config.model.prediction_type, config.sample.sampler)
+    if caution:
+        log.warning("warning: %s", caution)
     split = split_from_config(config, report=log.warning)
     check_method_fits_data(config.train.method, split, config.train.filter_folds)
     if auto_beta and not resume:
@@ -418,6 +421,12 @@ def sample_described(
     sampler = sampler or defaults.sampler
     steps = steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))
     pipeline = load_pipeline(pipeline_dir)
+    if runs.holds_run(path):
+        stored = runs.read_json(path / runs.CONFIG)
+        method = stored.get("train", {}).get("method", "")
+        caution = sampler_caution(method, pipeline.scheduler.config.prediction_type, sampler)
+        if caution:
+            log.warning("warning: %s", caution)
     classes = pipeline.unet.config.num_class_embeds
     if class_label is not None:
         if not classes:

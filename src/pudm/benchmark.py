@@ -22,7 +22,16 @@ from pathlib import Path
 
 from pudm import runs
 from pudm.classifier import Classifier, train_for_config
-from pudm.config import BETA_METHODS, SAMPLERS, TRAIN_METHODS, RunConfig, default_steps, flag, preset
+from pudm.config import (
+    BETA_METHODS,
+    SAMPLERS,
+    TRAIN_METHODS,
+    RunConfig,
+    default_steps,
+    flag,
+    preset,
+    sampler_caution,
+)
 from pudm.errors import UsageError
 from pudm.evaluation import EVAL, FID_CLASSIFIER, FID_PIXELS, check_classifier, evaluate_run
 from pudm.flags import beta_value, csv
@@ -337,6 +346,10 @@ def run_benchmark(
         "fingerprint": classifier.fingerprint(),
     }
     evals: dict[str, dict] = {}
+    for cell in cells:
+        caution = sampler_caution(cell.method, configs[cell.name].model.prediction_type, sampler)
+        if caution:
+            log(f"warning: {cell.name}: {caution}")
 
     def evaluate(run_dir: Path) -> dict:
         """The stored evaluation when it was made with these settings, a new one otherwise."""

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from pudm import flags, runs
-from pudm.config import AUTO, SECTIONS, RunConfig, default_steps
+from pudm.config import AUTO, SECTIONS, RunConfig, default_steps, sampler_caution
 from pudm.config import preset as _config_preset
 from pudm.errors import UsageError
 
@@ -82,6 +82,13 @@ def customize(
         config.model.num_classes = SET_CLASSES
     if pretrained:
         _use_pretrained(config, pretrained, settings)
+    sample = config.sample
+    if settings.get("sampler") is None and sampler_caution(
+        config.train.method, config.model.prediction_type, sample.sampler
+    ):  # a preset's deterministic sampler is not this model's default (the paper presets: DDIM)
+        sample.sampler = "dpm-sde"
+        if settings.get("sample_steps") is None:
+            sample.steps = default_steps("dpm-sde")
     return config
 
 
