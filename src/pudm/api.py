@@ -415,18 +415,16 @@ def sample_described(
     from pudm.training import UNLABELED_LABEL, load_rejector
 
     pipeline_dir = pipeline_folder(path)
-    defaults = RunConfig().sample
+    stored = None
     if pipeline_dir != path and runs.holds_run(path):
-        defaults = RunConfig.from_dict(runs.read_json(path / runs.CONFIG)).sample
+        stored = RunConfig.from_dict(runs.read_json(path / runs.CONFIG))
+    defaults = stored.sample if stored else RunConfig().sample
     sampler = sampler or defaults.sampler
     steps = steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))
+    caution = stored and sampler_caution(stored.train.method, stored.model.prediction_type, sampler)
+    if caution:
+        log.warning("warning: %s", caution)
     pipeline = load_pipeline(pipeline_dir)
-    if runs.holds_run(path):
-        stored = runs.read_json(path / runs.CONFIG)
-        method = stored.get("train", {}).get("method", "")
-        caution = sampler_caution(method, pipeline.scheduler.config.prediction_type, sampler)
-        if caution:
-            log.warning("warning: %s", caution)
     classes = pipeline.unet.config.num_class_embeds
     if class_label is not None:
         if not classes:
