@@ -21,10 +21,12 @@ import torch
 
 from pudm.classifier import Classifier
 from pudm.config import preset
+from pudm.datasets import split_from_config
 from pudm.models import load_pipeline
+from pudm.run_model import SENSITIVE_LABEL, SET_CLASSES, UNLABELED_LABEL
 from pudm.runs import is_complete
 from pudm.sampling import generate
-from pudm.training import SENSITIVE_LABEL, SET_CLASSES, UNLABELED_LABEL, Trainer, split_from_config
+from pudm.training import Trainer
 
 
 def main() -> int:

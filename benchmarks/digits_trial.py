@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from pudm.config import preset
+from pudm.datasets import split_from_config
 from pudm.evaluation import class_histogram, non_sensitive_rate
 from pudm.models import load_pipeline
 from pudm.sampling import generate
-from pudm.training import Trainer, split_from_config
+from pudm.training import Trainer
 
 
 def fit_digits_svm():

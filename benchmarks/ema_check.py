@@ -16,10 +16,10 @@ from pathlib import Path
 
 from pudm import runs
 from pudm.classifier import Classifier
+from pudm.datasets import split_from_config
 from pudm.evaluation import check_classifier, evaluate_samples, run_config
 from pudm.models import build_noise_scheduler, build_unet, load_pipeline, save_pipeline
 from pudm.sampling import generate, to_uint8
-from pudm.training import split_from_config
 
 
 def main() -> None:

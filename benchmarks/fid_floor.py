@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pudm.classifier import Classifier
 from pudm.config import preset
+from pudm.datasets import split_from_config
 from pudm.evaluation import check_classifier, classifier_fid, pixel_fid
 from pudm.sampling import to_uint8
-from pudm.training import split_from_config
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ import torch
 
 from pudm import runs
 from pudm.config import RunConfig
-from pudm.datasets import load_source
+from pudm.datasets import load_source, split_from_config
 from pudm.models import load_pipeline
-from pudm.training import per_sample_denoising_loss, split_from_config
+from pudm.training import per_sample_denoising_loss
 
 TIMESTEPS = (10, 50, 100, 200, 300, 500, 700, 900)
 

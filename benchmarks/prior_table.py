@@ -16,8 +16,8 @@ import statistics
 import time
 
 from pudm.config import preset
+from pudm.datasets import split_from_config
 from pudm.prior import estimate_for_config
-from pudm.training import split_from_config
 
 
 def main() -> None:

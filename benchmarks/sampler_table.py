@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from pudm.classifier import Classifier
+from pudm.datasets import split_from_config
 from pudm.evaluation import check_classifier, evaluate_samples, run_config
 from pudm.models import load_pipeline
 from pudm.sampling import generate, to_uint8
-from pudm.training import split_from_config
 
 
 def main() -> None:

@@ -30,10 +30,11 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 
 from pudm.config import preset
+from pudm.datasets import split_from_config
 from pudm.models import build_noise_scheduler, build_unet, model_preset
 from pudm.objectives import objective
 from pudm.sampling import to_uint8
-from pudm.training import Trainer, per_sample_denoising_loss, split_from_config
+from pudm.training import Trainer, per_sample_denoising_loss
 
 
 def _config(method: str, precision: str, args: argparse.Namespace):

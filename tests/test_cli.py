@@ -275,12 +275,12 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
 def test_a_defect_keeps_its_traceback_while_user_errors_are_one_line(tmp_path, monkeypatch, capsys):
     """Only pudm's own UsageError becomes 'error: ...' with exit 2; a ValueError from inside a
     library is a defect: it propagates (traceback, exit 1) instead of posing as bad input."""
-    import pudm.training
+    import pudm.datasets
 
     def broken(*args, **kwargs):
         raise ValueError("something inside torch went wrong")
 
-    monkeypatch.setattr(pudm.training, "split_from_config", broken)
+    monkeypatch.setattr(pudm.datasets, "split_from_config", broken)
     with pytest.raises(ValueError, match="inside torch"):
         main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--quiet"])
     from pudm import UsageError
@@ -288,7 +288,7 @@ def test_a_defect_keeps_its_traceback_while_user_errors_are_one_line(tmp_path, m
     def user_error(*args, **kwargs):
         raise UsageError("--unlabeled x does not exist: check the path")
 
-    monkeypatch.setattr(pudm.training, "split_from_config", user_error)
+    monkeypatch.setattr(pudm.datasets, "split_from_config", user_error)
     assert main(["train", "--out", str(tmp_path / "run2"), "--steps", "2", "--quiet"]) == 2
     assert (
         capsys.readouterr().err.strip() == "pudm train: error: --unlabeled x does not exist: check the path"

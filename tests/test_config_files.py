@@ -140,3 +140,39 @@ def test_a_beta_given_over_a_run_config_drops_that_runs_estimate(tmp_path):
     assert pudm.load_config(file).train.beta_estimate["low"] == 0.05  # like that run: its estimate
     again = pudm.load_config(file, beta=0.3)
     assert again.train.beta == 0.3 and again.train.beta_estimate is None
+
+
+def test_a_config_files_sampler_survives_and_the_cli_and_the_api_resolve_it_alike(tmp_path, capsys):
+    """A file that names a sampler keeps it (a derived default yields to it); a file that names
+    none gets the derived default, and --print-config says which is which. pudm.load_config gives
+    the same config as pudm train --config; a run's config.json trains again exactly like the run."""
+    pu_epsilon = 'preset = "digits_even"\n[model]\nprediction_type = "epsilon"\n[train]\nmethod = "pu"\n'
+    chosen = _toml(tmp_path / "ddim.toml", pu_epsilon + '[sample]\nsampler = "ddim"\nsteps = 50\n')
+    assert main(["train", "--config", str(chosen), "--print-config"]) == 0
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
+    assert (printed["sample"]["sampler"], printed["sample"]["steps"]) == ("ddim", 50)
+    assert 'sample.sampler = "ddim"  (file ddim.toml)' in out.err
+    assert pudm.load_config(chosen).to_dict() == printed
+    # The paper's MNIST preset samples with DDIM 50 and trains with the epsilon loss.
+    silent = _toml(tmp_path / "none.toml", 'preset = "MNIST_even"\n[train]\nmethod = "pu"\n')
+    assert main(["train", "--config", str(silent), "--print-config"]) == 0
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
+    assert (printed["sample"]["sampler"], printed["sample"]["steps"]) == ("dpm-sde", 10)
+    assert 'sample.sampler = "dpm-sde"  (derived: pu with the epsilon loss' in out.err
+    assert pudm.load_config(silent).to_dict() == printed
+    # A sampler given by a flag brings its own default steps, unless the steps are given too.
+    assert main(["train", "--sampler", "ddpm", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["sample"] == {
+        "grid_size": 64,
+        "sampler": "ddpm",
+        "steps": 1000,
+    }
+    # "Train again like that run": a run's config.json keeps every value, the sampler included.
+    stored = pudm.preset("digits_even", method="pu", prediction_type="epsilon", sampler="ddim").to_dict()
+    assert (stored["sample"]["sampler"], stored["sample"]["steps"]) == ("ddim", 50)
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert pudm.load_config(tmp_path / "config.json").to_dict() == stored
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == stored

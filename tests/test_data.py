@@ -97,14 +97,16 @@ def test_batches_reject_bad_settings():
 
 
 def test_oracle_is_refused_where_u_has_no_labels():
-    from pudm.training import check_method_fits_data, training_pool
+    from pudm import methods
+    from pudm.tasks import training_pool
 
     images = torch.zeros(4, 1, 2, 2)
     unlabeled_only = PUSplit(unlabeled=images, sensitive=images[:1], test=images[:0])
     with pytest.raises(ValueError, match="oracle needs the hidden labels"):
-        check_method_fits_data("oracle", unlabeled_only)
-    pool, is_sensitive, num_u, num_s = training_pool(unlabeled_only, "pu")
-    assert (len(pool), num_u, num_s, int(is_sensitive.sum())) == (5, 4, 1, 1)
+        methods.get("oracle").check_data(unlabeled_only)
+    pu = methods.get("pu").training_items(unlabeled_only, None)
+    pool, is_sensitive = training_pool(unlabeled_only, pu)
+    assert (len(pool), int(is_sensitive.sum())) == (5, 1)
     labeled = build_pu_split(toy_source(), (0, 2, 4, 6, 8), 50, 5, 20, 30, seed=3)
-    pool, is_sensitive, num_u, num_s = training_pool(labeled, "oracle")
-    assert (len(pool), num_u, num_s) == (50, 50, 0), "oracle keeps only the hidden-normal part of U"
+    pool, is_sensitive = training_pool(labeled, methods.get("oracle").training_items(labeled, None))
+    assert (len(pool), int(is_sensitive.sum())) == (50, 0), "oracle keeps only the hidden-normal part of U"

@@ -10,8 +10,7 @@ import torch
 from dataset_files import MARK, cycling_labels, write_celeba, write_cifar10, write_mnist, write_stl10
 from pudm.cli import main
 from pudm.config import PAPER_PRESETS, preset
-from pudm.datasets import DatasetMissing, load_paper_source, read_cifar_batch
-from pudm.training import split_from_config
+from pudm.datasets import DatasetMissing, load_paper_source, read_cifar_batch, split_from_config
 
 
 def _label_of(images: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from conftest import tree_digest
+from pudm import methods
 from pudm.classifier import Classifier, FitConfig, train_for_config
 from pudm.cli import main
 from pudm.config import RunConfig, preset
+from pudm.datasets import split_from_config
 from pudm.evaluation import classifier_fid, inception_fid, wilson_interval
 from pudm.filtering import filter_report, keep_mask, sensitive_scores
 from pudm.runs import RunError
 from pudm.sampling import to_uint8
-from pudm.training import filter_keep, split_from_config
 
 TINY = ["--steps", "4", "--batch-size", "16", "--checkpoint-every", "2", "--log-every", "2", "--quiet"]
 TINY += ["--sample-steps", "3", "--grid-size", "4", "--filter-folds", "2", "--filter-epochs", "1"]
@@ -161,11 +162,11 @@ def test_filter_method_trains_without_the_dropped_items(tmp_path):
     # A resumed run reads the stored mask instead of recomputing it; a foreign mask is refused.
     config = RunConfig.from_dict(json.loads((out / "config.json").read_text()))
     split = split_from_config(config)
-    keep = filter_keep(config, split, out, write=False)
+    keep = methods.get("filter").prepare(config, split, out)
     assert int(keep.sum()) == report["num_kept"] and keep[report["kept_indices"]].all()
     (out / "filter.json").write_text(json.dumps({**report, "kept_indices": [10**6]}))
     with pytest.raises(RunError, match="delete it to recompute"):
-        filter_keep(config, split, out, write=False)
+        methods.get("filter").prepare(config, split, out)
 
 
 def test_evaluate_writes_eval_json(run_dir, classifier_dir, capsys):

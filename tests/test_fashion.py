@@ -12,8 +12,7 @@ from conftest import tree_digest
 from dataset_files import cycling_labels, write_idx
 from pudm.cli import main
 from pudm.config import preset
-from pudm.datasets import IDXError, load_paper_source, read_idx
-from pudm.training import split_from_config
+from pudm.datasets import IDXError, load_paper_source, read_idx, split_from_config
 
 TEST_OFFSET = 100  # test images carry pixel code 10 * label + 105, training images 10 * label + 5
 

@@ -125,16 +125,39 @@ def _planted(num_normal: int, num_sensitive: int, seed: int) -> tuple[torch.Tens
     return images, is_sensitive
 
 
-def test_soft_weights_put_planted_sensitive_items_below_normal_ones():
+def test_weights_are_one_minus_beta_times_a_ratio_calibrated_to_what_is_known_of_it(monkeypatch):
+    """Scores that overlap (so that many ratios fall between 0 and 1 / beta, where beta matters):
+    w = clip(1 - beta r), r <= 1 / beta, mean r over U = 1 (so mean w = 1 - beta where none clip)."""
+    import pudm.filtering as filtering
+
+    logit_u, logit_s = torch.linspace(-4, 4, 200), torch.linspace(-1, 6, 50)
+    monkeypatch.setattr(filtering, "out_of_fold_logits", lambda *args, **kwargs: (logit_u, logit_s))
+    beta = 0.2
+    soft = soft_weights(torch.zeros(200, 1, 8, 8), torch.zeros(50, 1, 8, 8), beta=beta)
+    ratios = soft.ratios
+    assert int(((ratios > 0.5) & (ratios < 4.5)).sum()) > 40, "the check needs ratios where beta matters"
+    torch.testing.assert_close(soft.weights, (1 - beta * ratios).clamp(0, 1), rtol=0, atol=1e-6)
+    assert float(ratios.max()) < 1 / beta and float(ratios.mean()) == pytest.approx(1.0, abs=1e-4)
+    assert bool((soft.weights.diff() <= 0).all()), "a higher score, never a higher weight"
+    assert soft.summary()["mean_clipped_ratio"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_soft_weights_remove_planted_sensitive_items_and_keep_normal_ones():
     unlabeled, hidden = _planted(90, 10, seed=0)
     sensitive, _ = _planted(0, 40, seed=1)
     soft = soft_weights(unlabeled, sensitive, beta=0.1, folds=2, fit_config=FitConfig(epochs=15))
     weights = soft.weights
     assert weights.shape == (100,) and bool(((weights >= 0) & (weights <= 1)).all())
-    assert float(weights[hidden].mean()) < 0.5 < float(weights[~hidden].mean())
+    # w = 1 - beta r, r = p_S / p_U at most 1 / beta on U: the planted items reach the ceiling.
+    torch.testing.assert_close(weights, (1 - 0.1 * soft.ratios).clamp(0, 1), rtol=0, atol=1e-6)
+    assert float(soft.ratios.max()) <= 1 / 0.1 + 1e-4
+    assert float(soft.ratios.clamp(max=10).mean()) == pytest.approx(1.0, abs=1e-3), "E_U[r] = 1"
     report = weights_report(weights, hidden)
-    assert report["mean_weight_hidden_sensitive"] < report["mean_weight_hidden_normal"]
-    assert report["share_of_weight_on_sensitive"] < 0.05  # far below beta's 0.1
+    assert report["mean_weight_hidden_sensitive"] <= 0.10, report
+    assert report["mean_weight_hidden_normal"] >= 0.90, report
+    # Soft, not a relabelled hard mask: better than filter's 0/1 mask in Brier score on this data.
+    brier = float(((1 - weights) - hidden.float()).pow(2).mean())
+    assert brier < 0.05, brier
 
 
 # -- reject -------------------------------------------------------------------------------------------
@@ -157,11 +180,11 @@ def _draw(count: int, seed: int) -> np.ndarray:
 
 def test_rejection_never_returns_a_flagged_sample_and_repeats():
     rejector = _BrightRejector()
-    images, report = sample_with_rejection(_draw, rejector, num=300, seed=3)
+    images, report = sample_with_rejection(_draw, rejector, num=300)
     assert images.shape == (300, 4, 4, 1)
     assert not rejector.flags(images).any()
     assert report["num_drawn"] >= 300 and 0.3 < report["rejected_share"] < 0.7
-    again, _ = sample_with_rejection(_draw, rejector, num=300, seed=3)
+    again, _ = sample_with_rejection(_draw, rejector, num=300)
     assert np.array_equal(images, again), "same call, same images"
 
 
@@ -173,7 +196,7 @@ def test_rejection_gives_up_with_a_usage_error_when_everything_is_flagged():
             return np.ones(len(images), dtype=bool)
 
     with pytest.raises(UsageError, match="sensitive samples almost only"):
-        sample_with_rejection(_draw, Everything(), num=10, seed=0)
+        sample_with_rejection(_draw, Everything(), num=10)
 
 
 def test_rejector_flags_the_planted_pattern_and_survives_save_and_load(tmp_path):
@@ -214,20 +237,16 @@ def _metrics(run: Path) -> list[dict]:
 
 
 def test_weighted_with_unit_weights_trains_exactly_as_unsupervised(tmp_path, monkeypatch):
-    import pudm.training as training
+    from pudm.methods.weighted import Weighted
 
     args = ["--steps", "4", "--log-every", "1", *TINY]
     assert main(["train", "--method", "unsupervised", "--out", str(tmp_path / "u"), *args]) == 0
-    monkeypatch.setattr(
-        training, "weighted_weights", lambda config, split, *a, **k: torch.ones(len(split.unlabeled))
-    )
+    monkeypatch.setattr(Weighted, "fit", lambda self, config, split, device: {"weights": [1.0] * 825})
     assert main(["train", "--method", "weighted", "--out", str(tmp_path / "w1"), *args]) == 0
     assert [m["loss"] for m in _metrics(tmp_path / "w1")] == [m["loss"] for m in _metrics(tmp_path / "u")]
     # Weights that drop half of U change the loss trace: the weights reach the objective.
     monkeypatch.setattr(
-        training,
-        "weighted_weights",
-        lambda config, split, *a, **k: (torch.arange(len(split.unlabeled)) % 2).float(),
+        Weighted, "fit", lambda self, config, split, device: {"weights": [k % 2 * 1.0 for k in range(825)]}
     )
     assert main(["train", "--method", "weighted", "--out", str(tmp_path / "w2"), *args]) == 0
     assert [m["loss"] for m in _metrics(tmp_path / "w2")] != [m["loss"] for m in _metrics(tmp_path / "u")]
@@ -290,7 +309,7 @@ def test_bad_values_of_the_new_flags_are_one_line(tmp_path, capsys, argv, messag
 
 
 def test_reject_trains_exactly_as_unsupervised_and_the_benchmark_reuses_the_twin(tmp_path):
-    from pudm.benchmark import reject_from_twin
+    from pudm.benchmark import from_twin
     from pudm.config import preset
 
     args = ["--steps", "4", "--seed", "1", *TINY]
@@ -304,7 +323,7 @@ def test_reject_trains_exactly_as_unsupervised_and_the_benchmark_reuses_the_twin
     from pudm.config import RunConfig
 
     reject = RunConfig.from_dict(config)
-    assert reject_from_twin(reject, tmp_path / "copied", tmp_path / "u")
+    assert from_twin(reject, tmp_path / "copied", tmp_path / "u")
     copied = load_file(tmp_path / "copied" / weights)
     assert all(torch.equal(copied[k], trained[1][k]) for k in copied)
     assert json.loads((tmp_path / "copied" / "summary.json").read_text())["trained_as"] == "u"
@@ -315,7 +334,7 @@ def test_reject_trains_exactly_as_unsupervised_and_the_benchmark_reuses_the_twin
     # Another seed is not a twin: nothing is written.
     other = preset("digits_even")
     other.train.method, other.train.seed = "reject", 2
-    assert not reject_from_twin(other, tmp_path / "not", tmp_path / "u")
+    assert not from_twin(other, tmp_path / "not", tmp_path / "u")
     assert not (tmp_path / "not").exists()
 
 
@@ -339,10 +358,10 @@ def test_rejection_may_return_fewer_when_asked_and_a_damaged_rejector_is_one_lin
         def flags(self, images):
             return np.ones(len(images), dtype=bool)
 
-    images, report = sample_with_rejection(_draw, Everything(), num=10, seed=0, allow_fewer=True)
+    images, report = sample_with_rejection(_draw, Everything(), num=10, allow_fewer=True)
     assert len(images) == 0 and report["rejected_share"] == 1.0
     with pytest.raises(UsageError, match="--num must be > 0"):
-        sample_with_rejection(_draw, _BrightRejector(), num=0, seed=0)
+        sample_with_rejection(_draw, _BrightRejector(), num=0)
     unlabeled, _ = _planted(20, 4, seed=0)
     sensitive, _ = _planted(0, 10, seed=1)
     Rejector.fit(unlabeled, sensitive, beta=0.1, folds=2, fit_config=FitConfig(epochs=1)).save(

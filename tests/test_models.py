@@ -72,3 +72,32 @@ def test_loss_is_float32_under_bf16_autocast():
     assert loss.dtype == torch.float32
     reference = per_sample_denoising_loss(unet, scheduler, clean, noise, timesteps)
     assert torch.allclose(loss, reference, rtol=0.05), "bf16 forward, float32 reduction: close"
+
+
+def test_no_two_sampling_seeds_share_a_batch_of_noise():
+    """Batch i of seed s once drew from seed s + i: seed 0's second batch was seed 1's first.
+    Every (seed, stream, batch) now has a stream of its own; a call still repeats exactly."""
+    import numpy as np
+
+    from pudm.config import preset
+    from pudm.models import build_noise_scheduler, build_unet
+    from pudm.sampling import generate, sample_seed
+
+    config = preset("digits_even")
+    torch.manual_seed(0)
+    unet = build_unet(config.model, image_size=8, channels=1).eval()
+    schedule = build_noise_scheduler(config.model).config
+
+    def draw(seed, stream=0):
+        return generate(
+            unet, schedule, num=2, steps=2, seed=seed, batch_size=1, stream=stream, show_progress=False
+        )
+
+    first, second = draw(0), draw(1)
+    assert not np.array_equal(first[1], second[0]), "seed 0's batch 1 is not seed 1's batch 0"
+    assert not np.array_equal(draw(0, stream=1)[0], first[0]), "a rejection round draws anew"
+    assert np.array_equal(draw(0), first), "the same call, the same images"
+    seeds = {
+        sample_seed(seed, stream, batch) for seed in range(20) for stream in range(3) for batch in range(20)
+    }
+    assert len(seeds) == 20 * 3 * 20 and all(0 <= s < 2**63 for s in seeds)

@@ -10,8 +10,8 @@ import torch
 from pudm import UsageError
 from pudm.cli import main
 from pudm.config import preset
+from pudm.datasets import split_from_config
 from pudm.prior import bbe, bbe_interval, check_inputs, estimate_for_config, estimate_prior, usable_beta
-from pudm.training import split_from_config
 
 
 def _mixture_scores(beta: float, n_u: int = 4000, n_s: int = 1000, seed: int = 0):

@@ -159,16 +159,17 @@ def _trainer(world: Path, tmp_path: Path, cache: bool):
     data = load_text_images(config.data, need_sensitive=True)
     trainer = SDTrainer(config, data, tmp_path, show_progress=False)
     trainer._build()
-    trainer._prepare()
+    trainer.task.prepare(trainer.accelerator, tmp_path)
     return trainer, data
 
 
 def test_latents_are_scaled_vae_draws_and_caching_changes_nothing(world, tmp_path):
     cached, data = _trainer(world, tmp_path / "a", cache=True)
     uncached, _ = _trainer(world, tmp_path / "b", cache=False)
-    fetch_cached, num_u, num_s, method = cached._batches()
-    fetch_uncached, *_ = uncached._batches()
-    assert (num_u, num_s, method) == (10, 6, "pu")
+    batches = cached.task.batches(cached.accelerator)
+    fetch_cached, num_u, num_s = batches.fetch, batches.num_unlabeled, batches.num_sensitive
+    fetch_uncached = uncached.task.batches(uncached.accelerator).fetch
+    assert (num_u, num_s, batches.weights) == (10, 6, None)
     index = torch.tensor([0, 3, 11, 13])  # two U items, two S items
     latents, is_sensitive, conditioning = fetch_cached(index, step=5)
     again, _, conditioning_again = fetch_uncached(index, step=5)

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pudm import runs
+from pudm import methods, runs
 from pudm.cards import check_hub, push
-from pudm.config import BETA_METHODS, RunConfig, default_steps, sampler_caution
+from pudm.config import RunConfig, default_steps
 from pudm.config import preset as _config_preset
 from pudm.errors import UsageError
+from pudm.run_model import pipeline_folder  # noqa: F401  (part of the API)
 from pudm.settings import (  # noqa: F401  (the API's config builders live in pudm.settings)
     _stored_config,
     config_file_error,
@@ -122,7 +123,7 @@ def _device() -> str:
 
 
 def _check_trackers(report_to: str) -> None:
-    from pudm.training import check_trackers
+    from pudm.processes import check_trackers
 
     check_trackers(report_to)
 
@@ -156,7 +157,9 @@ def train(
 
     Under ``accelerate launch`` every process calls this; the main process alone writes.
     """
-    from pudm.training import Trainer, check_method_fits_data, process_state, split_from_config
+    from pudm.datasets import split_from_config
+    from pudm.processes import process_state
+    from pudm.training import Trainer
 
     out = Path(out)
     folder = runs.RunFolder(out)
@@ -175,13 +178,14 @@ def train(
     if config is None:
         raise UsageError("train needs a config (pudm.preset(...)) unless it resumes a run")
     config.validate()
-    caution = sampler_caution(config.train.method, config.model.prediction_type, config.sample.sampler)
+    method = methods.get(config.train.method)
+    caution = method.sampler_caution(config.model.prediction_type, config.sample.sampler)
     if caution:
         log.warning("warning: %s", caution)
     split = split_from_config(config, report=log.warning)
-    check_method_fits_data(config.train.method, split, config.train.filter_folds)
+    method.check_data(split, config.train.filter_folds)
     if auto_beta and not resume:
-        if config.train.method not in BETA_METHODS:
+        if not method.uses_beta:
             raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
         from pudm.prior import apply_estimate, describe, estimate_for_config
 
@@ -226,7 +230,7 @@ def train(
 
 
 def _push(out: Path, repo_id: str | None) -> None:
-    from pudm.training import process_state
+    from pudm.processes import process_state
 
     if repo_id and process_state().is_main_process:
         log.info("uploaded to %s", push(out, repo_id))
@@ -247,6 +251,7 @@ def train_sd(
     With ``resume=True``, ``config`` may be None (the run's own); the images in the folders must
     be the ones the run started with.
     """
+    from pudm.processes import process_state
     from pudm.sd import (
         SDTrainer,
         data_fingerprints,
@@ -256,7 +261,6 @@ def train_sd(
         load_text_images,
         resolve_steps,
     )
-    from pudm.training import process_state
 
     out = Path(out)
     folder = runs.RunFolder(out)
@@ -277,7 +281,7 @@ def train_sd(
     if config is None:
         raise UsageError("train_sd needs a config (pudm.sd.SDRunConfig) unless it resumes a run")
     config.validate()
-    data = load_text_images(config.data, need_sensitive=config.train.method != "unsupervised")
+    data = load_text_images(config.data, need_sensitive=methods.get(config.train.method).uses_sensitive)
     found = data_fingerprints(data)
     if resume:
         if found != config.data.fingerprints:
@@ -337,21 +341,6 @@ def train_sd(
     return Run(out)
 
 
-def pipeline_folder(path: PathLike) -> Path:
-    """The diffusers pipeline folder of a run folder, or ``path`` itself if it is one."""
-    path = Path(path)
-    if (path / "model_index.json").is_file():
-        return path
-    if (path / "pipeline" / "model_index.json").is_file():
-        return path / "pipeline"
-    if runs.holds_run(path):
-        raise UsageError(
-            f"{path} has no pipeline/ yet (the run did not finish): finish it with "
-            f"pudm train --resume --out {path}"
-        )
-    raise UsageError(f"{path} is neither a pudm run folder nor a diffusers pipeline folder: check the path")
-
-
 def sample(
     run: Run | PathLike,
     num: int = 64,
@@ -408,54 +397,13 @@ def sample_described(
         return _sample_sd(path, num, seed, sampler, steps, prompt, guidance_scale)
     if prompt is not None or guidance_scale is not None:
         raise UsageError(f"--prompt and --guidance-scale are for pudm sd runs; {path} is not one: drop them")
-    import torch
+    from pudm.run_model import RunModel
 
-    from pudm.models import load_pipeline
-    from pudm.sampling import generate
-    from pudm.training import UNLABELED_LABEL, load_rejector
-
-    pipeline_dir = pipeline_folder(path)
-    stored = None
-    if pipeline_dir != path and runs.holds_run(path):
-        stored = RunConfig.from_dict(runs.read_json(path / runs.CONFIG))
-    defaults = stored.sample if stored else RunConfig().sample
-    sampler = sampler or defaults.sampler
-    steps = steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))
-    caution = stored and sampler_caution(stored.train.method, stored.model.prediction_type, sampler)
-    if caution:
-        log.warning("warning: %s", caution)
-    pipeline = load_pipeline(pipeline_dir)
-    classes = pipeline.unet.config.num_class_embeds
-    if class_label is not None:
-        if not classes:
-            raise UsageError(f"{path} is not class-conditional: drop --class")
-        if not 0 <= class_label < classes:
-            raise UsageError(f"--class must be in 0..{classes - 1}, got {class_label}")
-    label = class_label if class_label is not None else (UNLABELED_LABEL if classes else None)
-
-    def draw(count: int, draw_seed: int) -> np.ndarray:
-        return generate(
-            pipeline.unet,
-            pipeline.scheduler.config,
-            num=count,
-            sampler=sampler,
-            steps=steps,
-            seed=draw_seed,
-            class_labels=None if label is None else torch.full((count,), label, dtype=torch.long),
-            show_progress=show_progress,
-        )
-
-    # A reject run's samples pass its rejector here; its pipeline folder alone samples without it.
-    rejector = load_rejector(path) if pipeline_dir != path else None
-    if rejector is None:
-        return draw(num, seed), f"{sampler}, {steps} steps"
-    from pudm.filtering import sample_with_rejection
-
-    images, rejection = sample_with_rejection(draw, rejector, num, seed)
-    return (
-        images,
-        f"{sampler}, {steps} steps; the rejector dropped {rejection['rejected_share']:.1%} of draws",
-    )
+    model = RunModel.load(path, sampler=sampler, steps=steps, class_label=class_label)
+    if model.caution:
+        log.warning("warning: %s", model.caution)
+    drawn = model.draw(num, seed, show_progress=show_progress)
+    return drawn.images, drawn.description
 
 
 def _sample_sd(path, num, seed, sampler, steps, prompt, guidance_scale) -> tuple[np.ndarray, str]:
@@ -544,8 +492,8 @@ def estimate_beta(config: RunConfig, *, epochs: int | None = None, cross_check: 
     """beta, the share of sensitive items in U, estimated from U and S (``pudm estimate-prior``):
     a ``pudm.prior.PriorEstimate`` with its 95% interval, method, cross-check and warnings
     (``.to_dict()`` is what ``--json`` prints)."""
+    from pudm.datasets import split_from_config
     from pudm.prior import estimate_for_config
-    from pudm.training import split_from_config
 
     if epochs is not None:
         if epochs <= 0:

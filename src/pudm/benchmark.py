@@ -20,18 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pudm import methods as registry
 from pudm import runs
 from pudm.classifier import Classifier, train_for_config
-from pudm.config import (
-    BETA_METHODS,
-    SAMPLERS,
-    TRAIN_METHODS,
-    RunConfig,
-    default_steps,
-    flag,
-    preset,
-    sampler_caution,
-)
+from pudm.config import SAMPLERS, RunConfig, default_steps, flag
 from pudm.errors import UsageError
 from pudm.evaluation import EVAL, FID_CLASSIFIER, FID_PIXELS, check_classifier, evaluate_run
 from pudm.flags import beta_value, csv
@@ -63,16 +55,16 @@ class Cell:
 
 
 def plan_cells(
-    methods: Sequence[str], seeds: Sequence[int], betas: Sequence[float | str] | None
+    method_names: Sequence[str], seeds: Sequence[int], betas: Sequence[float | str] | None
 ) -> list[Cell]:
-    for method in methods:
-        if method not in TRAIN_METHODS:
+    for method in method_names:
+        if method not in registry.REGISTRY:
             raise UsageError(
-                f"unknown method {method!r} in --methods; choose from {', '.join(TRAIN_METHODS)}"
+                f"unknown method {method!r} in --methods; choose from {', '.join(registry.REGISTRY)}"
             )
-    if not methods or not seeds:
+    if not method_names or not seeds:
         raise UsageError("--methods and --seeds need at least one value each")
-    if len(set(methods)) != len(methods) or len(set(seeds)) != len(seeds):
+    if len(set(method_names)) != len(method_names) or len(set(seeds)) != len(seeds):
         raise UsageError("--methods and --seeds must not repeat a value")
     for beta in betas or ():
         if beta == "auto":
@@ -80,8 +72,8 @@ def plan_cells(
         if isinstance(beta, str) or not 0.0 <= beta < 1.0:
             raise UsageError(f"--betas: beta must be in [0, 1), got {beta}")
     cells = []
-    for method in methods:
-        for beta in betas if betas and method in BETA_METHODS else [None]:
+    for method in method_names:
+        for beta in betas if betas and registry.get(method).uses_beta else [None]:
             cells.extend(Cell(method, seed, beta) for seed in seeds)
     return cells
 
@@ -94,22 +86,16 @@ def cell_config(
     learning_rate: float | None = None,
     data_dir: str | None = None,
 ) -> RunConfig:
-    config = preset(preset_name)
-    if data_dir is not None:
-        config.data.data_dir = str(Path(data_dir).resolve())
-    if pretrained:
-        from pudm.models import pretrained_model_config
+    """A cell's config: the preset with the cell's method, seed and beta and the benchmark's
+    options, resolved as ``pudm train`` resolves its flags (:func:`pudm.settings.resolve`)."""
+    from pudm.settings import resolve
 
-        config.model = pretrained_model_config(pretrained)
-        config.sample.sampler, config.sample.steps = "ddim", 50  # the paper's fine-tuning sampler
-    if learning_rate is not None:
-        config.train.learning_rate = learning_rate
-    config.train.method = cell.method
-    config.train.seed = cell.seed
+    given = {"method": cell.method, "seed": cell.seed, "steps": steps, "lr": learning_rate}
+    given["data_dir"] = data_dir
     if cell.beta is not None and cell.beta != "auto":
-        config.train.beta = cell.beta
-    if steps is not None:
-        config.train.steps = steps
+        given["beta"] = cell.beta
+    settings = {key: value for key, value in given.items() if value is not None}
+    config = resolve(preset_name, given_by="benchmark", pretrained=pretrained, **settings)
     config.validate()
     return config
 
@@ -117,7 +103,8 @@ def cell_config(
 def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True) -> None:
     """Train ``config`` into ``run_dir``: reuse a finished run with the same config, resume an
     interrupted one, start afresh otherwise (an existing run of another config is an error)."""
-    from pudm.training import Trainer, check_method_fits_data, split_from_config
+    from pudm.datasets import split_from_config
+    from pudm.training import Trainer
 
     run_dir = Path(run_dir)
     folder = runs.RunFolder(run_dir)
@@ -134,61 +121,51 @@ def ensure_trained(config: RunConfig, run_dir: Path, show_progress: bool = True)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise runs.RunError(f"{run_dir} exists and is not a pudm run: choose another --out")
     split = split_from_config(config)
-    check_method_fits_data(config.train.method, split, config.train.filter_folds)
+    registry.get(config.train.method).check_data(split, config.train.filter_folds)
     Trainer(config, split, run_dir, show_progress=show_progress).train(resume=resume)
 
 
-def reject_from_twin(config: RunConfig, run_dir: Path, twin: Path) -> bool:
-    """A ``reject`` cell from its ``unsupervised`` twin: same data, seed and settings train the
-    same weights (``reject`` trains exactly as ``unsupervised``; tested), so the twin's pipeline is
-    copied and only the rejector is fitted. False (nothing written) when the twin does not match
-    or is not finished; the cell then trains on its own."""
-    from pudm.sampling import generate, save_grid
-    from pudm.training import grid_labels, run_rejector, split_from_config
+# The train fields that only a method's fitted state reads (not the weights a twin trains).
+_STATE_FIELDS = ("method", "beta", "beta_estimate", "filter_folds", "filter_epochs")
 
-    if config.train.method != "reject" or not runs.is_complete(twin) or Path(run_dir).exists():
+
+def from_twin(config: RunConfig, run_dir: Path, twin: Path) -> bool:
+    """A cell of a method that trains like another (``reject`` trains exactly as ``unsupervised``;
+    tested) from its finished twin: same data, seed and settings train the same weights, so the
+    twin's pipeline is copied and only the method's state is fitted. False (nothing written) when
+    the method has no twin, or the twin does not match or is not finished; the cell then trains
+    on its own."""
+    from pudm.datasets import split_from_config
+    from pudm.run_model import RunModel
+    from pudm.sampling import save_grid
+
+    method = registry.get(config.train.method)
+    if method.trains_like is None or not runs.is_complete(twin) or Path(run_dir).exists():
         return False
     stored = RunConfig.normalize(runs.read_json(Path(twin) / runs.CONFIG))
     mine = config.to_dict()
-    ignored = ("method", "beta", "beta_estimate", "filter_folds", "filter_epochs")
-    if stored["train"]["method"] != "unsupervised" or {**stored, "sample": None, "train": None} != {
-        **mine,
-        "sample": None,
-        "train": None,
-    }:
+    if stored["train"]["method"] != method.trains_like:
         return False
-    if {k: v for k, v in stored["train"].items() if k not in ignored} != {
-        k: v for k, v in mine["train"].items() if k not in ignored
-    }:
+    if {**stored, "sample": None, "train": None} != {**mine, "sample": None, "train": None}:
+        return False
+    trained = [
+        {k: v for k, v in values["train"].items() if k not in _STATE_FIELDS} for values in (stored, mine)
+    ]
+    if trained[0] != trained[1]:
         return False
     split = split_from_config(config)
 
     def write(tmp: Path) -> None:
         import shutil
 
-        from pudm.filtering import sample_with_rejection
-        from pudm.models import load_pipeline
-
         shutil.copytree(Path(twin) / "pipeline", tmp / "pipeline")
         shutil.copy2(Path(twin) / "metrics.jsonl", tmp / "metrics.jsonl")
         runs.atomic_write_json(tmp / runs.CONFIG, mine)
-        rejector = run_rejector(config, split, tmp)
-        pipeline = load_pipeline(tmp / "pipeline")
-
-        def draw(count: int, seed: int):
-            return generate(
-                pipeline.unet,
-                pipeline.scheduler.config,
-                num=count,
-                sampler=config.sample.sampler,
-                steps=config.sample.steps,
-                seed=seed,
-                show_progress=False,
-                class_labels=grid_labels(config, count),
-            )
-
-        images, _ = sample_with_rejection(draw, rejector, config.sample.grid_size, config.train.seed)
-        save_grid(images, tmp / "samples.png")
+        method.prepare(config, split, tmp)
+        model = RunModel.load(tmp)
+        grid, seed = config.sample.grid_size, config.train.seed
+        drawn = model.draw(grid, seed, allow_fewer=True)
+        save_grid(drawn.images if len(drawn.images) else model.generate(grid, seed), tmp / "samples.png")
         summary = runs.read_json(Path(twin) / runs.SUMMARY)
         runs.atomic_write_json(tmp / runs.SUMMARY, {**summary, "trained_as": str(Path(twin).name)})
 
@@ -347,7 +324,7 @@ def run_benchmark(
     }
     evals: dict[str, dict] = {}
     for cell in cells:
-        caution = sampler_caution(cell.method, configs[cell.name].model.prediction_type, sampler)
+        caution = registry.get(cell.method).sampler_caution(configs[cell.name].model.prediction_type, sampler)
         if caution:
             log(f"warning: {cell.name}: {caution}")
 
@@ -376,8 +353,9 @@ def run_benchmark(
         log(f"[{index}/{len(cells)}] {cell.name}")
         if cell.beta == "auto":
             _estimate_beta(configs[cell.name], run_dir, log)
-        twin = out / "runs" / Cell("unsupervised", cell.seed).name
-        if not reject_from_twin(configs[cell.name], run_dir, twin):
+        twin_method = registry.get(cell.method).trains_like
+        twin = out / "runs" / Cell(twin_method or cell.method, cell.seed).name
+        if not from_twin(configs[cell.name], run_dir, twin):
             ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
         evals[cell.name] = evaluate(run_dir)  # a filter run's eval.json holds its filter report
         log(

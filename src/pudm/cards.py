@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pudm import methods
 from pudm.errors import UsageError
 
 CARD = "README.md"
@@ -24,15 +25,9 @@ LIMITATION = (
     "did not see. Do not rely on this model where a single sensitive sample is unacceptable."
 )
 
-REJECT_NOTE = (
-    "**This folder holds the unsupervised model alone.** A `reject` run's figures come from pudm's "
-    "sampler, which drops the samples its S-vs-U classifier (the run's `rejector/` folder) calls "
-    "sensitive; a pipeline loaded from this folder does not reject anything."
-)
-
 
 def _beta_line(train: dict[str, Any]) -> str:
-    if train["method"] not in ("pu", "pu-bounded", "weighted", "filter", "reject"):
+    if not methods.get(train["method"]).uses_beta:
         return "not used by this method"
     estimate = train.get("beta_estimate")
     if estimate:
@@ -128,7 +123,7 @@ def model_card(config: dict[str, Any], data: dict[str, Any], evaluation: dict[st
             "## Limitations",
             "",
             LIMITATION,
-            *(["", REJECT_NOTE] if method == "reject" else []),
+            *(["", note] if (note := methods.get(method).card_note) else []),
             "",
             "## Use",
             "",

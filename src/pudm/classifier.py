@@ -157,7 +157,8 @@ def fit(
     model.train()
     # Dropout draws from the global generator: seed it here (and leave the caller's state alone),
     # so the same config gives the same model whatever ran before in the process.
-    with torch.random.fork_rng(devices=[]):
+    devices = [images.device.index or 0] if images.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         for _ in range(config.epochs):
             order = torch.randperm(len(images), generator=generator)

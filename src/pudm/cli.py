@@ -135,8 +135,9 @@ def _add_options(group, options) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    """The preset with every flag the user gave applied, validated."""
+    """The preset (or --config file) with every flag the user gave applied, validated."""
     from pudm import api
+    from pudm.settings import resolve
 
     train = args.command == "train"
     settings = flags.given(args, _train_flags() if train else _data_flags())
@@ -144,12 +145,12 @@ def resolve_config(args: argparse.Namespace):
         del settings["beta"]  # estimated by api.train(auto_beta=True)
     extra = _pick(args, "model", "pretrained", "class_conditional") if train else {}
     if not (train and args.config is not None):
-        config = api.preset(args.preset, **extra, **settings)
+        config = resolve(args.preset, given_by="flag", **extra, **settings)
         config.validate()
         return config
     if args.preset is not None:
         raise UsageError("--preset: --config names its own preset: give one of them")
-    return api.load_config(args.config, **extra, **settings)
+    return api.load_config(args.config, given_by="flag", **extra, **settings)
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -168,8 +169,11 @@ def command_train(args: argparse.Namespace) -> int:
         runs.RunFolder(args.out).check(args.resume, args.overwrite)
     given = {**_pick(args, "preset", "model", "pretrained"), **flags.given(args, _train_flags())}
     config = api.resume_config(args.out, **given) if args.resume else resolve_config(args)
-    if args.print_config:  # what config.json would hold; nothing is written
+    if args.print_config:  # what config.json would hold (stdout), where it came from (stderr)
+        from pudm.settings import sources_of
+
         print(json.dumps(config.to_dict(), indent=2))
+        print("\n".join(sources_of(config).lines(config)), file=sys.stderr)
         return 0
     was_complete = args.resume and runs.is_complete(args.out)
     api.train(config, args.out, auto_beta=args.beta == AUTO, **_run_mode(args))
@@ -182,7 +186,7 @@ def _run_mode(args: argparse.Namespace) -> dict:
 
 
 def _done(args: argparse.Namespace, config, was_complete: bool, saved: str) -> int:
-    from pudm.training import process_state
+    from pudm.processes import process_state
 
     if was_complete:
         print(f"{args.out} is complete ({config.train.steps} steps); nothing to resume")
@@ -218,7 +222,7 @@ def _sd_config(args: argparse.Namespace):
     """The Stable Diffusion run's settings: the paper's defaults with every given flag applied."""
     from pudm import api
 
-    return api.sd_config(**flags.given(args, _sd_flags()))
+    return api.sd_config(given_by="flag", **flags.given(args, _sd_flags()))
 
 
 def command_sd(args: argparse.Namespace) -> int:
@@ -234,8 +238,10 @@ def command_sd(args: argparse.Namespace) -> int:
     from pudm import api
 
     runs.RunFolder(args.out).check(args.resume, args.overwrite)
-    settings = flags.given(args, _sd_flags())
-    config = api.sd_resume_config(args.out, **settings) if args.resume else api.sd_config(**settings)
+    if args.resume:
+        config = api.sd_resume_config(args.out, **flags.given(args, _sd_flags()))
+    else:
+        config = _sd_config(args)
     was_complete = args.resume and runs.is_complete(args.out)
     api.train_sd(config, args.out, **_run_mode(args))
     saved = f"{args.out / ('lora/pytorch_lora_weights.safetensors' if config.lora else 'pipeline/')}"
@@ -252,8 +258,8 @@ def command_estimate_prior(args: argparse.Namespace) -> int:
     prints {beta, low, high, method, cross_check, warnings}.
     """
     from pudm import api
+    from pudm.datasets import split_from_config
     from pudm.prior import describe
-    from pudm.training import split_from_config
 
     if args.epochs <= 0:
         raise UsageError(f"--epochs must be > 0, got {args.epochs}")

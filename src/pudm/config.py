@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pudm import methods
 from pudm.datasets import SOURCES
 from pudm.errors import UsageError
 from pudm.flags import AUTO, beta_value  # noqa: F401  (AUTO: --beta auto, estimate it from U and S)
 from pudm.objectives import CORRECTIONS
 
-TRAIN_METHODS = ("unsupervised", "supervised", "pu", "filter", "oracle", "pu-bounded", "weighted", "reject")
+# The training methods, by what the registry (pudm.methods) says of each.
+TRAIN_METHODS = methods.names()
 # The methods whose objective uses the S items of a batch (the others draw from U alone).
-S_OBJECTIVE_METHODS = ("supervised", "pu", "pu-bounded")
+S_OBJECTIVE_METHODS = methods.names(lambda method: method.draws_sensitive)
 # The methods that use beta.
-BETA_METHODS = ("pu", "pu-bounded", "filter", "weighted", "reject")
+BETA_METHODS = methods.names(lambda method: method.uses_beta)
 SAMPLERS = ("ddpm", "ddim", "dpm", "dpm-sde")
 # Steps per sampler when none are given (benchmarks/README.md, "Samplers", has the measurements).
 DEFAULT_SAMPLING_STEPS = {"ddpm": 1000, "ddim": 50, "dpm": 20, "dpm-sde": 10}
@@ -35,26 +37,12 @@ def default_steps(sampler: str) -> int:
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-# Samplers that follow the denoiser deterministically to t = 0 (no fresh noise per step).
-DETERMINISTIC_SAMPLERS = ("ddim", "dpm")
 
 
 def sampler_caution(method: str, prediction_type: str, sampler: str) -> str | None:
-    """Why ``sampler`` is unsafe for a model trained with ``method`` and ``prediction_type``, or None.
-
-    With the paper's epsilon loss, ``pu`` ascends the loss of S without bound and its denoiser is
-    wrong at low noise, where a deterministic solver relies on it: on digit folders a pu model's
-    DDIM 50 samples were noisy (pixel Frechet distance 4x an unsupervised model's, and in another
-    case more sensitive samples than no suppression), while DDPM 1000 and DPM-Solver++ SDE sampled
-    it well, and the v loss held with every sampler (README, "Defaults across samplers"). pudm
-    never makes such a sampler that model's default (``customize``)."""
-    if method == "pu" and prediction_type == "epsilon" and sampler in DETERMINISTIC_SAMPLERS:
-        return (
-            f"a pu model trained with the epsilon loss can break the deterministic {sampler} sampler "
-            "(measured: noisy samples, worse than an unsupervised model's); sample with dpm-sde or "
-            "ddpm, or train with --prediction-type v_prediction"
-        )
-    return None
+    """Why ``sampler`` is unsafe for a model trained with ``method`` and ``prediction_type``, or None
+    (the method's own word: :meth:`pudm.methods.Method.sampler_caution`)."""
+    return methods.get(method).sampler_caution(prediction_type, sampler)
 
 
 def flag(default: Any, help: str, *, group: str, name: str | None = None, **argparse: Any) -> Any:
@@ -431,7 +419,7 @@ def validate_train(
 
 def check_warm_start(train: TrainConfig) -> None:
     """A warm start only changes methods whose objective uses S."""
-    if train.warm_start_steps and train.method not in S_OBJECTIVE_METHODS:
+    if train.warm_start_steps and not methods.get(train.method).warm_start:
         raise UsageError(
             f"--warm-start-steps: method {train.method} trains the unsupervised objective throughout: "
             f"drop the flag or use one of {', '.join(S_OBJECTIVE_METHODS)}"

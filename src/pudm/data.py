@@ -69,6 +69,14 @@ class PUSplit:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.unlabeled.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def num_unlabeled(self) -> int:
+        return len(self.unlabeled)
+
+    @property
+    def num_sensitive(self) -> int:
+        return len(self.sensitive)
+
     def summary(self) -> dict[str, int | float | None]:
         hidden = self.unlabeled_is_sensitive
         return {
@@ -218,9 +226,12 @@ class IndexStream:
 class PUBatches:
     """Mini-batches that mix U and S, as index tensors into a pool ``cat([U, S])`` on the device.
 
-    With ``sensitive_per_batch=None`` (the paper's way) batches are drawn from the pooled U and S,
-    so each batch holds S items in proportion to ``|S| / (|U| + |S|)`` on average. With an integer
-    ``k``, every batch holds exactly ``k`` S items and ``batch_size - k`` U items.
+    ``batch_size`` is one process's share; the *global* batch of a step is ``world_size *
+    batch_size`` items. With ``sensitive_per_batch=None`` (the paper's way) the global batch is
+    drawn from the pooled U and S, so it holds S items in proportion to ``|S| / (|U| + |S|)`` on
+    average. With an integer ``k``, every global batch holds exactly ``k`` S items, spread evenly
+    over its positions, and U fills the rest; each process takes its block of it. Either way N
+    processes with batch B see exactly the items one process with batch N*B sees, in the same order.
     """
 
     def __init__(
@@ -230,40 +241,47 @@ class PUBatches:
         batch_size: int,
         seed: int,
         sensitive_per_batch: int | None = None,
+        world_size: int = 1,
     ):
         if batch_size <= 0:
             raise UsageError(f"batch_size must be > 0, got {batch_size}")
-        if sensitive_per_batch is not None and not 0 <= sensitive_per_batch <= batch_size:
+        if world_size <= 0:
+            raise UsageError(f"world_size must be > 0, got {world_size}")
+        self.global_size = batch_size * world_size
+        if sensitive_per_batch is not None and not 0 <= sensitive_per_batch <= self.global_size:
             raise UsageError(
-                f"sensitive_per_batch must be in [0, batch_size={batch_size}], got {sensitive_per_batch}"
+                f"sensitive_per_batch must be in [0, global batch size {self.global_size}], "
+                f"got {sensitive_per_batch}"
             )
         self.num_unlabeled = num_unlabeled
         self.num_sensitive = num_sensitive
         self.batch_size = batch_size
+        self.world_size = world_size
         self.sensitive_per_batch = sensitive_per_batch
         if sensitive_per_batch is None:
             self._pool = IndexStream(num_unlabeled + num_sensitive, seed)
         else:
             self._unlabeled = IndexStream(num_unlabeled, seed)
             self._sensitive = IndexStream(num_sensitive, seed + 7919) if sensitive_per_batch else None
+            # where the k S items sit in every global batch: evenly spaced
+            k, size = sensitive_per_batch, self.global_size
+            self._is_sensitive_slot = torch.zeros(size, dtype=torch.bool)
+            self._is_sensitive_slot[(torch.arange(k) * size) // max(k, 1)] = k > 0
 
-    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-        """Pool indices of process ``rank``'s share of the batch of ``step``: U items are
-        < num_unlabeled, S items after.
-
-        The global batch of a step is ``world_size * batch_size`` consecutive items of one seeded
-        stream, and process ``rank`` takes the ``rank``-th block: N processes with batch B see
-        exactly the items that one process with batch N*B sees (pooled batches, in the same order).
-        """
-        if not 0 <= rank < world_size:
-            raise UsageError(f"rank must be in [0, {world_size}), got {rank}")
-        block = step * world_size + rank
+    def global_indices(self, step: int) -> torch.Tensor:
+        """Pool indices of the whole global batch of ``step`` (U items < num_unlabeled, S after)."""
+        size = self.global_size
         if self.sensitive_per_batch is None:
-            return self._pool.take(block * self.batch_size, self.batch_size)
-        num_s = self.sensitive_per_batch
-        num_u = self.batch_size - num_s
-        unlabeled = self._unlabeled.take(block * num_u, num_u)
-        if self._sensitive is None:
-            return unlabeled
-        sensitive = self._sensitive.take(block * num_s, num_s) + self.num_unlabeled
-        return torch.cat([unlabeled, sensitive])
+            return self._pool.take(step * size, size)
+        k = self.sensitive_per_batch
+        batch = torch.empty(size, dtype=torch.long)
+        batch[~self._is_sensitive_slot] = self._unlabeled.take(step * (size - k), size - k)
+        if self._sensitive is not None:
+            batch[self._is_sensitive_slot] = self._sensitive.take(step * k, k) + self.num_unlabeled
+        return batch
+
+    def indices(self, step: int, rank: int = 0) -> torch.Tensor:
+        """Pool indices of process ``rank``'s block of the global batch of ``step``."""
+        if not 0 <= rank < self.world_size:
+            raise UsageError(f"rank must be in [0, {self.world_size}), got {rank}")
+        return self.global_indices(step)[rank * self.batch_size : (rank + 1) * self.batch_size]

@@ -397,3 +397,50 @@ def load_source(
     if name in PAPER_SOURCES:
         return load_paper_source(name, image_size, channels, data_dir, download)
     raise UsageError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
+
+
+def split_from_config(config, report=None):
+    """The :class:`pudm.data.PUSplit` that ``config.data`` describes (deterministic in
+    ``split_seed``): a labeled source split into U, S and a normal test part, or the user's folders.
+    ``report(message)`` hears how many unreadable files a folder skipped."""
+    from pudm.data import build_pu_split
+
+    data = config.data
+    if data.source == "folders":
+        return folder_split(config, report)
+    source = load_source(data.source, data.image_size, data.channels, data.data_dir, data.download)
+    return build_pu_split(
+        source,
+        data.normal_classes,
+        data.num_unlabeled_normal,
+        data.num_unlabeled_sensitive,
+        data.num_sensitive,
+        data.num_test,
+        data.split_seed,
+    )
+
+
+def folder_split(config, report=None):
+    """U, S and the optional normal test images from the user's folders (no hidden labels)."""
+    from pudm.data import PUSplit
+    from pudm.imagefolder import load_folder
+
+    data = config.data
+    parts = {}
+    for name, folder in (
+        ("unlabeled", data.unlabeled_dir),
+        ("sensitive", data.sensitive_dir),
+        ("test", data.test_dir),
+    ):
+        if folder is None:
+            continue
+        loaded = load_folder(Path(folder), data.image_size, data.channels, data.strict, f"--{name}")
+        if loaded.skipped and report is not None:
+            first, reason = loaded.skipped[0]
+            report(
+                f"--{name}: skipped {len(loaded.skipped)} unreadable image file(s), e.g. {first} ({reason}); "
+                "--strict makes this an error"
+            )
+        parts[name] = loaded.as_float()
+    empty = torch.zeros((0, data.channels, data.image_size, data.image_size))
+    return PUSplit(unlabeled=parts["unlabeled"], sensitive=parts["sensitive"], test=parts.get("test", empty))

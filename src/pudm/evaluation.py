@@ -230,10 +230,8 @@ def evaluate_run(
     Sampling runs on ``device`` (default: the GPU where there is one); the initial noise comes
     from seeded CPU generators either way.
     """
-    from pudm.filtering import sample_with_rejection
-    from pudm.models import load_pipeline
-    from pudm.sampling import generate
-    from pudm.training import UNLABELED_LABEL, load_rejector, split_from_config
+    from pudm.datasets import split_from_config
+    from pudm.run_model import RunModel
 
     run_dir = Path(run_dir)
     if num <= 0:
@@ -245,35 +243,17 @@ def evaluate_run(
             f"{run_dir} has no pipeline/ (the run did not finish): finish it with "
             f"pudm train --resume --out {run_dir}"
         )
-    sampler = sampler or config.sample.sampler
-    steps = steps or (config.sample.steps if sampler == config.sample.sampler else default_steps(sampler))
-    if steps <= 0:
+    if steps is not None and steps <= 0:
         raise UsageError(f"--steps must be > 0, got {steps}")
     split = split_from_config(config)
     reference = to_uint8(split.test)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = load_pipeline(run_dir / "pipeline", device=device)
+    # A class-conditional model is asked for U's label, what a user of the model asks for; a
+    # guarded run (reject) is judged on what pudm's sampler returns, the kept samples.
+    model = RunModel.load(run_dir, sampler=sampler, steps=steps, device=device)
     start = time.perf_counter()
-
-    def draw(count: int, draw_seed: int) -> np.ndarray:
-        return generate(
-            pipeline.unet,
-            pipeline.scheduler.config,
-            num=count,
-            sampler=sampler,
-            steps=steps,
-            seed=draw_seed,
-            show_progress=show_progress,
-            # A class-conditional model is asked for U's label: what a user of the model asks for.
-            class_labels=torch.full((count,), UNLABELED_LABEL) if config.model.num_classes else None,
-        )
-
-    rejector = load_rejector(run_dir)
-    rejection = None
-    if rejector is None:
-        images = draw(num, seed)
-    else:  # reject: judged on what pudm's sampler returns, the kept samples
-        images, rejection = sample_with_rejection(draw, rejector, num, seed)
+    drawn = model.draw(num, seed, show_progress=show_progress)
+    images, rejection, sampler, steps = drawn.images, drawn.rejection, model.sampler, model.steps
     sampling_seconds = time.perf_counter() - start
     save_grid(images[:64], run_dir / EVAL_GRID)
     result = {
@@ -298,47 +278,26 @@ def evaluate_run(
     }
     if rejection is not None:
         result["rejection"] = rejection
-    report = filter_truth_report(run_dir, split)
+    report = truth_report(run_dir, config, split)
     if report is not None:
-        result["filter"] = report
-    report = weights_truth_report(run_dir, split)
-    if report is not None:
-        result["weights"] = report
+        result[report[0]] = report[1]
     runs.atomic_write_json(run_dir / EVAL, result)
     refresh_cards(run_dir)  # the model card shows the latest figures
     return result
 
 
-def filter_truth_report(run_dir: Path, split) -> dict | None:
-    """A ``filter`` run's drop counts judged against the hidden truth of U (precision, recall),
-    where the data has one; None for other runs. The evaluator's job: training never reads it."""
-    from pudm.filtering import filter_report
-    from pudm.training import FILTER
+def truth_report(run_dir: Path, config: RunConfig, split) -> tuple[str, dict] | None:
+    """The run's method state judged against the hidden truth of U, as ``(eval.json key,
+    report)`` (filter: precision and recall of the drop; weighted: the mean weight of the hidden
+    sensitive and normal items) where the data has a truth, counts alone where it has none. The
+    evaluator's job: training never reads it."""
+    from pudm import methods
 
-    path = Path(run_dir) / FILTER
-    if not path.is_file():
+    method = methods.get(config.train.method)
+    if method.report_key is None:
         return None
-    stored = runs.read_json(path)
-    keep = torch.zeros(len(split.unlabeled), dtype=torch.bool)
-    keep[torch.tensor(stored.get("kept_indices", []), dtype=torch.long)] = True
-    return filter_report(keep, split.unlabeled_is_sensitive)
-
-
-def weights_truth_report(run_dir: Path, split) -> dict | None:
-    """A ``weighted`` run's weights judged against the hidden truth of U (the mean weight of its
-    hidden sensitive and normal items) where the data has one; None for other runs."""
-    from pudm.filtering import weights_report
-    from pudm.training import WEIGHTS
-
-    path = Path(run_dir) / WEIGHTS
-    if not path.is_file():
-        return None
-    stored = runs.read_json(path)
-    weights = torch.tensor(stored.get("weights", []), dtype=torch.float32)
-    if len(weights) != len(split.unlabeled):
-        return None
-    keys = ("mean_weight", "zero_weight_share", "mean_ratio_unlabeled")
-    return {**{k: stored.get(k) for k in keys}, **weights_report(weights, split.unlabeled_is_sensitive)}
+    report = method.truth_report(run_dir, split)
+    return None if report is None else (method.report_key, report)
 
 
 def resize_uint8(images: np.ndarray, size: int, channels: int) -> np.ndarray:

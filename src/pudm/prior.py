@@ -234,7 +234,7 @@ def usable_beta(estimate: PriorEstimate) -> float:
 def estimate_for_config(config, split=None, cross_check: bool = True) -> PriorEstimate:
     """The estimate of beta for a run's data (seeded by its split seed: one estimate per data)."""
     if split is None:
-        from pudm.training import split_from_config
+        from pudm.datasets import split_from_config
 
         split = split_from_config(config)
     return estimate_prior(

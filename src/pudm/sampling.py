@@ -14,6 +14,15 @@ from pudm.errors import UsageError
 from pudm.models import sampler_scheduler
 
 
+def sample_seed(*keys: int) -> int:
+    """A 63-bit generator seed derived from ``keys`` (numpy's SeedSequence hash): different keys
+    give unrelated streams, so ``--seed 0`` and ``--seed 1`` share no batch's noise (``seed + i``
+    would: batch 1 of seed 0 is batch 0 of seed 1)."""
+    entropy = [int(key) % 2**64 for key in keys]
+    high, low = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return (int(high) << 31) ^ int(low)
+
+
 @torch.no_grad()
 def generate(
     unet: UNet2DModel,
@@ -25,13 +34,15 @@ def generate(
     batch_size: int = 256,
     show_progress: bool = True,
     class_labels: torch.Tensor | None = None,
+    stream: int = 0,
 ) -> np.ndarray:
     """Draw ``num`` samples as uint8 images of shape (num, H, W, C).
 
     The pipeline is a plain diffusers DDPMPipeline whose scheduler is swapped for ``sampler``
     (ddpm, ddim, dpm = DPM-Solver++ or dpm-sde = its SDE variant), sharing the training noise
-    schedule. Batch ``i`` uses the seed ``seed + i`` (the stochastic samplers draw their noise from
-    it too), so the same call always returns the same images.
+    schedule. Batch ``i`` draws from a generator seeded with :func:`sample_seed` of
+    ``(seed, stream, i)`` (the stochastic samplers draw their noise from it too), so the same call
+    always returns the same images and no two seeds or streams (a rejection round) share noise.
 
     ``class_labels`` (shape (num,)): the class of every sample, for a class-conditional UNet.
     """
@@ -47,7 +58,7 @@ def generate(
         tqdm(count, desc=f"sampling ({sampler}, {steps} steps)", disable=not show_progress)
     ):
         size = min(batch_size, num - start)
-        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, stream, i))
         if class_labels is None:
             images = pipeline(
                 batch_size=size, generator=generator, num_inference_steps=steps, output_type="np"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pudm import runs
+from pudm import methods, runs
 from pudm.cards import write_card
 from pudm.config import (
     DEFAULT_SAMPLING_STEPS,
@@ -45,12 +45,13 @@ from pudm.config import (
 )
 from pudm.errors import UsageError
 from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
+from pudm.tasks import Batches
 from pudm.training import Trainer
 
 SD_KIND = "sd"
-# pu-bounded works on latents as on pixels; weighted and reject need an S-vs-U image classifier,
-# which pudm has for small images only (the CNN of pudm.filtering), so they are not offered here.
-SD_METHODS = ("unsupervised", "supervised", "pu", "pu-bounded")
+# The methods offered on latents. filter, weighted and reject need an S-vs-U image classifier,
+# which pudm has for small images only (the CNN of pudm.filtering), so they are not offered yet.
+SD_METHODS = methods.names(lambda method: method.on_latents)
 LORA_DIR = "lora"
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -188,7 +189,7 @@ class SDRunConfig(StoredConfig):
             raise SDError("--pretrained is required: a local Stable Diffusion folder or a hub id")
         if not data.unlabeled:
             raise SDError("--unlabeled is required: a folder of images")
-        if train.method != "unsupervised" and not data.sensitive:
+        if methods.get(train.method).uses_sensitive and not data.sensitive:
             raise SDError(f"method {train.method} needs --sensitive DIR (the labeled sensitive images)")
         positive = {"--resolution": data.resolution, "--sample-steps": sample.steps}
         check_positive(positive, SDError)
@@ -235,6 +236,17 @@ class TextImageData:
     unlabeled_caption: torch.Tensor
     sensitive_caption: torch.Tensor
 
+    # What a method asks of its data: the sizes of U and S, and no hidden truth (folders have none).
+    unlabeled_is_sensitive = None
+
+    @property
+    def num_unlabeled(self) -> int:
+        return len(self.unlabeled.files)
+
+    @property
+    def num_sensitive(self) -> int:
+        return len(self.sensitive.files) if self.sensitive is not None else 0
+
     def skipped(self) -> list[tuple[Path, str]]:
         return self.unlabeled.skipped + (self.sensitive.skipped if self.sensitive else [])
 
@@ -280,9 +292,9 @@ def resolve_steps(config: SDRunConfig, data: TextImageData, num_processes: int =
     """``--epochs E``: E passes over the training pool (U, plus S for methods that use it)."""
     if config.model.epochs is None:
         return
-    pool = len(data.unlabeled.files)
-    if config.train.method != "unsupervised" and data.sensitive is not None:
-        pool += len(data.sensitive.files)
+    pool = data.num_unlabeled
+    if methods.get(config.train.method).draws_sensitive:
+        pool += data.num_sensitive
     per_step = config.train.batch_size * config.train.gradient_accumulation_steps * num_processes
     config.train.steps = config.model.epochs * math.ceil(pool / per_step)
 
@@ -471,11 +483,11 @@ class LatentTask:
     Saves a pipeline folder or a LoRA file, and a grid per prompt (:class:`pudm.training.Trainer`
     does the rest)."""
 
-    pool_weights = None  # weighted (per-item weights) is not offered on latents
-
     def __init__(self, config: SDRunConfig, data: TextImageData, parts: SDParts | None = None):
         self.config, self.data, self.parts = config, data, parts
         self.ema = config.model.ema
+        self.method = methods.get(config.train.method)
+        self.state = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -514,17 +526,21 @@ class LatentTask:
         return unet, parts.noise_scheduler
 
     def prepare(self, accelerator, run_dir: Path) -> None:
-        """Nothing to set up before the loop: the latents are drawn (or cached) in :meth:`batches`."""
+        """The method's fitted state, where it has one; the latents are drawn (or cached) in
+        :meth:`batches`."""
+        self.state = self.method.prepare(self.config, self.data, Path(run_dir), accelerator)
 
-    def batches(self, accelerator):
+    def batches(self, accelerator) -> Batches:
         cfg, data = self.config, self.data
         device = accelerator.device
         rank, world_size = accelerator.process_index, accelerator.num_processes
-        uses_sensitive = cfg.train.method != "unsupervised"
-        pixels = data.unlabeled.images
-        caption = data.unlabeled_caption
+        items = self.method.training_items(data, self.state)
+        if items.weights is not None:
+            raise NotImplementedError(f"method {self.method.name} weighs items: not offered on latents")
+        pixels = data.unlabeled.images[items.unlabeled]
+        caption = data.unlabeled_caption[items.unlabeled]
         num_unlabeled, num_sensitive = len(pixels), 0
-        if uses_sensitive:
+        if items.sensitive:
             pixels = torch.cat([pixels, data.sensitive.images])
             caption = torch.cat([caption, data.sensitive_caption])
             num_sensitive = len(data.sensitive.images)
@@ -567,7 +583,7 @@ class LatentTask:
             latents = latents_from_posterior(self.vae, item_mean, item_std, draw)
             return latents, is_sensitive[index], {"encoder_hidden_states": conditioning}
 
-        return fetch, num_unlabeled, num_sensitive, cfg.train.method
+        return Batches(fetch, num_unlabeled, num_sensitive)
 
     def finish(self, trainer: Trainer) -> None:
         """The final (EMA) weights as a pipeline folder or a LoRA file, and a sample grid."""
@@ -704,8 +720,10 @@ def generate_sd(
     batch_size: int = 8,
     resolution: int | None = None,
 ) -> np.ndarray:
-    """``num`` images of ``prompt`` as uint8 (N, H, W, 3); batch ``i`` is seeded with ``seed + i``."""
+    """``num`` images of ``prompt`` as uint8 (N, H, W, 3); batch ``i`` draws from a generator seeded
+    with :func:`pudm.sampling.sample_seed` of ``(seed, 0, i)`` (no two seeds share a batch's noise)."""
     from pudm.models import sampler_scheduler
+    from pudm.sampling import sample_seed
 
     if num <= 0:
         raise SDError(f"--num must be > 0, got {num}")
@@ -713,7 +731,7 @@ def generate_sd(
     pipeline.scheduler = sampler_scheduler(sampler, pipeline.scheduler.config)
     batches = []
     for i, start in enumerate(range(0, num, batch_size)):
-        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, 0, i))
         output = pipeline(
             [prompt] * min(batch_size, num - start),
             num_inference_steps=steps,

@@ -1,71 +1,114 @@
-"""Settings: how a run's config is made from a preset, a config file or a stored run, with
-settings given by their flags' names (``pudm.preset("digits_even", method="pu", steps=3000)``).
+"""Settings: how a run's config is resolved, in layers, and where each value came from.
 
-The command line's flags land here by the same names; :mod:`pudm.api` runs what these build.
+    preset  ->  config file  ->  settings (flags, or keyword arguments)  ->  derived defaults
+
+A later layer overrides an earlier one. Derived defaults (the steps of a sampler, the fine-tuning
+sampler, the sampler caution of a pu epsilon model, Stable Diffusion's learning rate and epochs)
+fill in what follows from the layers above, and yield to a value that a config file or a setting
+gave: they replace only what a preset or the dataclass defaults said. One function does this for
+the command line, the Python API, the benchmark and ``pudm sd``, so the same file and settings
+resolve to the same config everywhere. The resolved config carries its :class:`Sources`
+(``--print-config`` prints them); they are not stored in ``config.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pudm import flags, runs
-from pudm.config import AUTO, SECTIONS, RunConfig, default_steps, sampler_caution
+from pudm import flags, methods, runs
+from pudm.config import AUTO, SECTIONS, RunConfig, default_steps
 from pudm.config import preset as _config_preset
 from pudm.errors import UsageError
 
 PathLike = str | Path
 
 
-def preset(
+@dataclass
+class Sources:
+    """Where each value of a resolved config came from.
+
+    Attributes:
+        base: what every value not named below comes from ("preset digits_even").
+        given: ``{"section.field": "file run.toml" | "flag --steps" | "argument steps"}``.
+        derived: ``{"section.field": why}`` for the values a derived default set.
+    """
+
+    base: str
+    given: dict[str, str] = field(default_factory=dict)
+    derived: dict[str, str] = field(default_factory=dict)
+    # A config built by hand: every value of the base counts as given.
+    base_is_given: bool = False
+
+    def explicit(self, key: str) -> bool:
+        """Whether a file or a setting gave ``key`` ("sample.sampler"): a derived default yields."""
+        return self.base_is_given or key in self.given
+
+    def derive(self, config, key: str, value: Any, why: str) -> None:
+        """Set ``key`` to ``value`` as a derived default (never over a given value)."""
+        if self.explicit(key):
+            return
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) != value:
+            setattr(getattr(config, section), name, value)
+            self.derived[key] = why
+
+    def lines(self, config) -> list[str]:
+        """One line per value that does not come from the base: key, value and source."""
+        rows = [(key, source) for key, source in self.given.items()]
+        rows += [(key, f"derived: {why}") for key, why in self.derived.items()]
+        out = []
+        for key, source in sorted(rows):
+            section, name = key.split(".")
+            value = json.dumps(getattr(getattr(config, section), name), default=str)
+            out.append(f"  {key} = {value}  ({source})")
+        return [f"where the values came from (every other value: {self.base}):", *out]
+
+
+def sources_of(config) -> Sources:
+    """The sources a resolved config carries; a config built by hand gave every value itself."""
+    return getattr(config, "sources", None) or Sources("the config as given", base_is_given=True)
+
+
+# -- the pixel-space runs (pudm train) --------------------------------------------------------
+
+
+def resolve(
     name: str | None = None,
     *,
-    unlabeled: PathLike | None = None,
-    sensitive: PathLike | None = None,
-    test: PathLike | None = None,
+    file: PathLike | None = None,
+    base: RunConfig | None = None,
+    given_by: str = "argument",
     model: str | None = None,
     pretrained: str | None = None,
     class_conditional: bool = False,
     **settings,
 ) -> RunConfig:
-    """A fresh copy of a named preset (default ``digits_even``; ``folders`` when folders are given),
-    with ``settings`` applied (their values are checked when the run starts, by :func:`train`).
+    """A run's config from its layers: a preset (``name``, default ``digits_even``; ``folders``
+    when folders are given), a config ``file`` or a ``base`` config, then ``settings`` (by their
+    flags' names, as ``given_by``: "flag" or "argument"), then the derived defaults.
 
-    Args:
-        unlabeled, sensitive, test: image folders (``pudm.preset("folders", unlabeled="U/",
-            sensitive="S/")``), stored absolute so the run can be resumed from anywhere.
-        model: a UNet preset (``small``, ...) instead of the preset's; its prediction type stays.
-        pretrained: fine-tune this DDPM/DDIM pipeline (folder, pudm run or hub id): the model
-            section becomes the pipeline's UNet and the end-of-run grid DDIM 50, as the paper.
-            A preset that fine-tunes (``CelebA_male``) reads its pipeline's config here (from the
-            hub, or its cache, for a hub id).
-        class_conditional: a UNet conditioned on the set each item came from (U: 0, S: 1).
-        settings: any setting by its flag's name, ``method="pu", steps=3000, beta=0.1,
-            sample_steps=20`` (``pudm train --help`` lists them).
+    ``model``: a UNet preset instead of the preset's (its prediction type stays); ``pretrained``:
+    fine-tune this DDPM/DDIM pipeline; ``class_conditional``: a UNet conditioned on the set each
+    item came from (U: 0, S: 1). The values are checked when the run starts (or by the caller).
     """
-    folders = {"unlabeled": unlabeled, "sensitive": sensitive, "test": test}
-    given = {flag: value for flag, value in folders.items() if value is not None}
-    config = _config_preset(name or ("folders" if given else "digits_even"))
-    pretrained = pretrained or config.model.pretrained
-    return customize(
-        config, model=model, pretrained=pretrained, class_conditional=class_conditional, **given, **settings
-    )
-
-
-def customize(
-    config: RunConfig,
-    *,
-    model: str | None = None,
-    pretrained: str | None = None,
-    class_conditional: bool = False,
-    **settings,
-) -> RunConfig:
-    """``config`` with a model preset, a pretrained pipeline, class conditioning and ``settings``
-    (by flag name) applied, in the order the command line applies them; see :func:`preset`."""
     from pudm.models import model_preset
-    from pudm.training import SET_CLASSES
+    from pudm.run_model import SET_CLASSES
 
-    folders = [name for name in ("unlabeled", "sensitive", "test") if settings.get(name) is not None]
+    if file is not None:
+        config, sources = _read_config_file(Path(file))
+    elif base is not None:
+        config, sources = base, sources_of(base)
+    else:
+        folders = any(settings.get(key) is not None for key in ("unlabeled", "sensitive", "test"))
+        chosen = name or ("folders" if folders else "digits_even")
+        config = _config_preset(chosen)
+        sources = Sources(f"preset {config.preset}")
+    folders = [key for key in ("unlabeled", "sensitive", "test") if settings.get(key) is not None]
     if folders and config.data.source != "folders":
         raise UsageError(
             f"--{folders[0]} gives image folders, and preset {config.preset} brings its own data: "
@@ -77,29 +120,109 @@ def customize(
         prediction_type = config.model.prediction_type  # the preset's, unless a setting changes it
         config.model = model_preset(model)
         config.model.prediction_type = prediction_type
-    flags.apply(config, flags.flags_of(SECTIONS, "train"), settings)
+        sources.given["model.block_out_channels"] = _origin(given_by, "model")
+    known = flags.flags_of(SECTIONS, "train")
+    flags.apply(config, known, settings)
+    for flag in known:
+        if flag.name in settings:
+            sources.given[f"{flag.section}.{flag.field}"] = _origin(given_by, flag.name)
     if class_conditional:
         config.model.num_classes = SET_CLASSES
-    if pretrained:
-        _use_pretrained(config, pretrained, settings)
-    sample = config.sample
-    if settings.get("sampler") is None and sampler_caution(
-        config.train.method, config.model.prediction_type, sample.sampler
-    ):  # a preset's deterministic sampler is not this model's default (the paper presets: DDIM)
-        sample.sampler = "dpm-sde"
-        if settings.get("sample_steps") is None:
-            sample.steps = default_steps("dpm-sde")
+        sources.given["model.num_classes"] = _origin(given_by, "class_conditional")
+    pretrained = pretrained or (
+        config.model.pretrained if config.model.pretrained_image_size is None else None
+    )
+    for rule in RULES:
+        rule(config, sources, pretrained=pretrained, settings=settings)
+    config.sources = sources
     return config
 
 
-def load_config(path: PathLike, **settings) -> RunConfig:
+def _origin(given_by: str, name: str) -> str:
+    return f"flag --{name.replace('_', '-')}" if given_by == "flag" else f"{given_by} {name}"
+
+
+def _fine_tuning(config: RunConfig, sources: Sources, *, pretrained: str | None, settings: dict) -> None:
+    """Fine-tuning: the model section describes the pretrained UNet; DDIM 50 samples, as the paper."""
+    if not pretrained:
+        return
+    from pudm.models import pretrained_model_config
+
+    if Path(pretrained).exists():
+        pretrained = str(Path(pretrained).resolve())
+    wanted_classes = config.model.num_classes
+    config.model = pretrained_model_config(pretrained)
+    for name in (f.name for f in dataclasses.fields(config.model)):
+        sources.derived[f"model.{name}"] = f"--pretrained {pretrained}"
+    if wanted_classes and config.model.num_classes != wanted_classes:
+        raise UsageError(
+            f"--class-conditional: --pretrained {pretrained} has no class embedding for {wanted_classes} "
+            "classes: fine-tune it without --class-conditional"
+        )
+    if settings.get("prediction_type") not in (None, config.model.prediction_type):
+        raise UsageError(
+            f"--prediction-type: --pretrained {pretrained} predicts {config.model.prediction_type}: "
+            "drop the flag"
+        )
+    sources.derive(
+        config, "sample.sampler", "ddim", "a fine-tuned pipeline samples with DDIM 50, as the paper"
+    )
+
+
+def _steps_of_the_sampler(config: RunConfig, sources: Sources, **_) -> None:
+    """A sampler that was chosen samples with its own default steps unless steps were given too."""
+    if sources.explicit("sample.sampler") or "sample.sampler" in sources.derived:
+        why = f"the default steps of {config.sample.sampler}"
+        sources.derive(config, "sample.steps", default_steps(config.sample.sampler), why)
+
+
+def _sampler_caution(config: RunConfig, sources: Sources, **_) -> None:
+    """A sampler the method warns against is never a default (a preset's DDIM for a pu epsilon
+    model): dpm-sde instead. A sampler a file or a setting chose stays, with a warning at train."""
+    method = methods.get(config.train.method) if config.train.method in methods.REGISTRY else None
+    if method is None or sources.explicit("sample.sampler"):
+        return
+    if not method.sampler_caution(config.model.prediction_type, config.sample.sampler):
+        return
+    why = f"{method.name} with the {config.model.prediction_type} loss: never a deterministic default sampler"
+    sources.derive(config, "sample.sampler", "dpm-sde", why)
+    sources.derive(config, "sample.steps", default_steps("dpm-sde"), why)
+
+
+# The derived defaults of a pixel-space run, in the order they apply.
+RULES: tuple[Callable[..., None], ...] = (_fine_tuning, _steps_of_the_sampler, _sampler_caution)
+
+
+def preset(name: str | None = None, *, unlabeled=None, sensitive=None, test=None, **settings) -> RunConfig:
+    """A fresh copy of a named preset (default ``digits_even``; ``folders`` when folders are given),
+    with ``settings`` applied by their flags' names (``pudm.preset("digits_even", method="pu",
+    steps=3000)``; ``pudm train --help`` lists them) and the defaults that follow from them.
+
+    Args:
+        unlabeled, sensitive, test: image folders (``pudm.preset("folders", unlabeled="U/",
+            sensitive="S/")``), stored absolute so the run can be resumed from anywhere.
+        model: a UNet preset (``small``, ...) instead of the preset's; its prediction type stays.
+        pretrained: fine-tune this DDPM/DDIM pipeline (folder, pudm run or hub id): the model
+            section becomes the pipeline's UNet and the end-of-run grid DDIM 50, as the paper.
+            A preset that fine-tunes (``CelebA_male``) reads its pipeline's config here.
+        class_conditional: a UNet conditioned on the set each item came from (U: 0, S: 1).
+    """
+    folders = {"unlabeled": unlabeled, "sensitive": sensitive, "test": test}
+    given = {key: value for key, value in folders.items() if value is not None}
+    return resolve(name, **given, **settings)
+
+
+def customize(config: RunConfig, **settings) -> RunConfig:
+    """``config`` with ``settings`` (as :func:`preset`) applied over it, and the derived defaults;
+    a value ``config`` was resolved with (its :class:`Sources`) counts as given."""
+    return resolve(base=config, **settings)
+
+
+def load_config(path: PathLike, *, given_by: str = "argument", **settings) -> RunConfig:
     """A run's config from a file (:func:`read_config_file`) with ``settings`` (flag names, and
     ``model``, ``pretrained``, ``class_conditional``, as :func:`preset`) applied over it, checked.
     An error about a value of the file names the file and the key."""
-    config = read_config_file(path)
-    if config.model.pretrained and config.model.pretrained_image_size is None:  # a preset that fine-tunes
-        settings["pretrained"] = settings.get("pretrained") or config.model.pretrained
-    config = customize(config, **settings)
+    config = resolve(file=path, given_by=given_by, **settings)
     try:
         config.validate()
     except UsageError as error:
@@ -114,19 +237,20 @@ def read_config_file(path: PathLike) -> RunConfig:
 
     Paths in the file (folders, ``data_dir``, a local ``pretrained``) are relative to the file's
     folder. Unknown keys and wrong types raise :class:`UsageError` naming the key; the ranges are
-    checked by :func:`load_config`, once settings given beside the file are applied.
+    checked by :func:`load_config`, once settings given beside the file are applied; the derived
+    defaults apply here as there, so a file resolves to one config.
     """
+    return resolve(file=path)
+
+
+def _read_config_file(path: Path) -> tuple[RunConfig, Sources]:
     import tomllib
 
-    path = Path(path)
     where = f"--config {path}"
     if not path.is_file():
         raise UsageError(f"{where}: no such file: give a TOML file or a run's config.json")
     try:
-        if path.suffix == ".json":
-            values = json.loads(path.read_text())
-        else:
-            values = tomllib.loads(path.read_text())
+        values = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         raise UsageError(
             f"{where}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})"
@@ -144,6 +268,7 @@ def read_config_file(path: PathLike) -> RunConfig:
         stored = _config_preset(str(values.get("preset", "digits_even"))).to_dict()
     except UsageError as error:
         raise UsageError(f"{where}: {error}") from None
+    sources = Sources(f"preset {stored['preset']}")
     for section, kind in SECTIONS.items():
         given = values.get(section, {})
         if not isinstance(given, dict):
@@ -154,7 +279,8 @@ def read_config_file(path: PathLike) -> RunConfig:
                 relative = path.parent / value
                 value = str(relative.resolve()) if key != "pretrained" or relative.exists() else value
             stored[section][key] = value
-    return RunConfig.from_dict(stored)
+            sources.given[f"{section}.{key}"] = f"file {path.name}"
+    return RunConfig.from_dict(stored), sources
 
 
 # The fields of a config file that hold paths, resolved against the file's folder.
@@ -176,8 +302,6 @@ _TYPE_NAMES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (boo
 
 def _checked_value(where: str, section: str, kind: type, key: str, value):
     """A config file's value, checked to have a field to go to and that field's type."""
-    import dataclasses
-
     fields = {item.name: item for item in dataclasses.fields(kind)}
     if key not in fields:
         raise UsageError(
@@ -205,26 +329,7 @@ def _checked_value(where: str, section: str, kind: type, key: str, value):
     return value
 
 
-def _use_pretrained(config: RunConfig, pretrained: str, settings: dict) -> None:
-    """Fine-tuning: the model section describes the pretrained UNet; DDIM 50 samples, as the paper."""
-    from pudm.models import pretrained_model_config
-
-    if Path(pretrained).exists():
-        pretrained = str(Path(pretrained).resolve())
-    wanted_classes = config.model.num_classes
-    config.model = pretrained_model_config(pretrained)
-    if wanted_classes and config.model.num_classes != wanted_classes:
-        raise UsageError(
-            f"--class-conditional: --pretrained {pretrained} has no class embedding for {wanted_classes} "
-            "classes: fine-tune it without --class-conditional"
-        )
-    if settings.get("prediction_type") not in (None, config.model.prediction_type):
-        raise UsageError(
-            f"--prediction-type: --pretrained {pretrained} predicts {config.model.prediction_type}: "
-            "drop the flag"
-        )
-    if settings.get("sampler") is None:
-        config.sample.sampler, config.sample.steps = "ddim", settings.get("sample_steps") or 50
+# -- resuming ---------------------------------------------------------------------------------
 
 
 def _stored_config(out: Path) -> RunConfig:
@@ -270,10 +375,14 @@ def resume_config(
             )
     if preset is not None and preset.lower() != config.preset.lower():
         raise UsageError(f"--resume: {out} is a {config.preset} run, not {preset}: drop --preset")
+    config.sources = Sources(f"{out / runs.CONFIG} (a resumed run keeps its config)", base_is_given=True)
     return config
 
 
-def sd_config(**settings):
+# -- Stable Diffusion runs (pudm sd) -----------------------------------------------------------
+
+
+def sd_config(*, given_by: str = "argument", **settings):
     """The paper's Stable Diffusion settings (``pudm.sd.SDRunConfig``) with ``settings`` applied
     by their flags' names (``unlabeled="U/", sensitive="S/", lora_rank=4, steps=100``), and the
     defaults that follow from them: lr 1e-5 for pu and 1e-4 otherwise, the sampler's own step
@@ -283,18 +392,25 @@ def sd_config(**settings):
     if settings.get("steps") is not None and settings.get("epochs") is not None:
         raise UsageError("give --steps or --epochs, not both")
     config = SDRunConfig()
-    flags.apply(config, flags.flags_of(SD_SECTIONS, "sd"), settings)
-    if settings.get("lr") is None:
-        config.train.learning_rate = default_learning_rate(config.train.method)
-    if settings.get("sampler") is not None and settings.get("sample_steps") is None:
-        config.sample.steps = default_steps(settings["sampler"])
-    if settings.get("steps") is None and settings.get("epochs") is None:
-        config.model.epochs = 1000  # the paper's 1000 epochs
+    sources = Sources("the paper's Stable Diffusion settings")
+    known = flags.flags_of(SD_SECTIONS, "sd")
+    flags.apply(config, known, settings)
+    for flag in known:
+        if flag.name in settings:
+            sources.given[f"{flag.section}.{flag.field}"] = _origin(given_by, flag.name)
+    method = config.train.method
+    sources.derive(
+        config, "train.learning_rate", default_learning_rate(method), f"the paper's rate for {method}"
+    )
+    _steps_of_the_sampler(config, sources)
+    if not (sources.explicit("train.steps") or sources.explicit("model.epochs")):
+        sources.derive(config, "model.epochs", 1000, "the paper's 1000 epochs")
     if config.model.pretrained and Path(config.model.pretrained).exists():
         config.model.pretrained = str(Path(config.model.pretrained).resolve())
-    if config.train.method == "unsupervised":
+    if method in methods.REGISTRY and not methods.get(method).uses_sensitive:
         config.data.sensitive, config.data.sensitive_prompt = None, None
     config.validate()
+    config.sources = sources
     return config
 
 

@@ -1,103 +1,35 @@
 """The training loop: PU diffusion training on accelerate.
 
-One loop for every method. A step draws a mixed U/S batch (indices into one tensor on the device),
-computes the per-sample denoising error and lets :func:`pudm.objectives.objective` reduce it.
-Logging, checkpoints and the sample grid happen per tick, outside the step.
+One loop for every method and every model. A step draws a mixed U/S batch (indices into one
+tensor on the device), computes the per-sample denoising error and lets
+:func:`pudm.objectives.objective` reduce it with the formula the run's method names. Logging,
+checkpoints and stops happen per tick, outside the step; what the model is and what a batch holds
+is the task's (:mod:`pudm.tasks`); what the method trains on is the method's (:mod:`pudm.methods`).
 """
 
 from __future__ import annotations
 
-import copy
-import logging
 import math
-import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
+from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from tqdm.auto import tqdm
 
-from pudm import runs
-from pudm.cards import write_card
-from pudm.config import S_OBJECTIVE_METHODS, RunConfig
-from pudm.data import PUBatches, PUSplit, build_pu_split
-from pudm.datasets import load_source
+from pudm import methods, runs
+from pudm.config import RunConfig
+from pudm.data import PUBatches, PUSplit
+from pudm.ema import ema_decay_at, make_ema, trainable_names, update_ema
 from pudm.errors import UsageError
-from pudm.models import build_noise_scheduler, build_unet, load_pretrained, save_pipeline
 from pudm.objectives import CrossProcessSum, KnownSums, SumRecorder, objective
-from pudm.sampling import generate, save_grid
-
-FILTER = "filter.json"
-WEIGHTS = "weights.json"
-
-
-def launched_on_cpus() -> bool:
-    """True for a multi-process launch (``accelerate launch``, torchrun) on a machine without GPUs.
-
-    accelerate makes such a launch data-parallel over gloo only when asked for the CPU; otherwise
-    every process would silently train alone on its own copy.
-    """
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def process_state() -> PartialState:
-    """accelerate's process state (rank, world size), set up for CPU-only launches too."""
-    return PartialState(cpu=launched_on_cpus())
-
-
-TRACKERS = ("tensorboard", "wandb")
-LOGS = "logs"  # RUN/logs/: what the trackers write (TensorBoard: RUN/logs/pudm, wandb: RUN/logs/wandb)
-
-
-def check_trackers(report_to: str) -> list[str]:
-    """``--report-to``: none, tensorboard, wandb or all; a tracker that is not installed is a
-    one-line error naming the extra that brings it."""
-    import importlib.util
-
-    if report_to not in ("none", "all", *TRACKERS):
-        raise UsageError(f"--report-to must be none, tensorboard, wandb or all, got {report_to!r}")
-    wanted = [] if report_to == "none" else list(TRACKERS) if report_to == "all" else [report_to]
-    for name in wanted:
-        if importlib.util.find_spec(name) is None:
-            raise UsageError(f"--report-to {name}: {name} is not installed: pip install 'pudm[{name}]'")
-    return wanted
-
-
-def tracker_config(config) -> dict:
-    """The run's config flattened for a tracker's hyperparameters (scalars and strings only)."""
-    flat = {}
-    for section, values in config.to_dict().items():
-        for key, value in values.items() if isinstance(values, dict) else [("", values)]:
-            name = f"{section}.{key}" if key else section
-            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
-
-
-def make_accelerator(
-    mixed_precision: str, trackers: list[str] | None = None, run_dir: Path | None = None
-) -> Accelerator:
-    """An Accelerator with this run's autocast dtype (and its trackers, logging into RUN/logs).
-
-    accelerate keeps one process-wide state and refuses a second precision; a process that trains
-    several runs (a benchmark, a notebook) gets each run's own. The process group is kept.
-    """
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
-        mixed_precision=mixed_precision,
-        cpu=launched_on_cpus(),
-        log_with=trackers or None,
-        project_dir=run_dir / LOGS if trackers else None,
-    )
+from pudm.processes import LOGS, check_trackers, make_accelerator, tracker_config
+from pudm.tasks import Batches, PixelTask
 
 
 def per_sample_denoising_loss(
@@ -125,233 +57,9 @@ def per_sample_denoising_loss(
     return (prediction.float() - target.float()).pow(2).flatten(1).sum(1)
 
 
-def split_from_config(config: RunConfig, report=None) -> PUSplit:
-    """The PU split that ``config.data`` describes (deterministic in ``split_seed``)."""
-    data = config.data
-    if data.source == "folders":
-        return folder_split(config, report)
-    source = load_source(data.source, data.image_size, data.channels, data.data_dir, data.download)
-    return build_pu_split(
-        source,
-        data.normal_classes,
-        data.num_unlabeled_normal,
-        data.num_unlabeled_sensitive,
-        data.num_sensitive,
-        data.num_test,
-        data.split_seed,
-    )
-
-
-def folder_split(config: RunConfig, report=None) -> PUSplit:
-    """U, S and the optional normal test images from the user's folders (no hidden labels).
-
-    ``report(message)`` hears how many unreadable files were skipped.
-    """
-    from pudm.imagefolder import load_folder
-
-    data = config.data
-    parts = {}
-    for name, folder in (
-        ("unlabeled", data.unlabeled_dir),
-        ("sensitive", data.sensitive_dir),
-        ("test", data.test_dir),
-    ):
-        if folder is None:
-            continue
-        loaded = load_folder(Path(folder), data.image_size, data.channels, data.strict, f"--{name}")
-        if loaded.skipped and report is not None:
-            first, reason = loaded.skipped[0]
-            report(
-                f"--{name}: skipped {len(loaded.skipped)} unreadable image file(s), e.g. {first} ({reason}); "
-                "--strict makes this an error"
-            )
-        parts[name] = loaded.as_float()
-    empty = torch.zeros((0, data.channels, data.image_size, data.image_size))
-    return PUSplit(unlabeled=parts["unlabeled"], sensitive=parts["sensitive"], test=parts.get("test", empty))
-
-
-def check_method_fits_data(method: str, split: PUSplit, folds: int | None = None) -> None:
-    """``oracle`` needs the hidden truth of U, which only labeled sources have; the methods with a
-    cross-fitted S-vs-U classifier need S and enough items for ``folds`` folds. Checked before
-    anything is written."""
-    if method == "oracle" and split.unlabeled_is_sensitive is None:
-        raise UsageError(
-            "method oracle needs the hidden labels of U, and this data has none: "
-            "use unsupervised, supervised or pu"
-        )
-    if method in ("filter", "weighted", "reject") and folds is not None:
-        if len(split.sensitive) == 0:
-            raise UsageError(f"method {method} needs labeled sensitive images (S is empty): add S")
-        # weighted folds S too; filter and reject fold U only
-        largest = (
-            min(len(split.unlabeled), len(split.sensitive)) if method == "weighted" else len(split.unlabeled)
-        )
-        if not 2 <= folds <= largest:
-            raise UsageError(f"--filter-folds must be in [2, {largest}] for method {method}, got {folds}")
-
-
-def _method_items(
-    split: PUSplit, method: str, keep: torch.Tensor | None, of_unlabeled, of_sensitive
-) -> tuple[object, object | None]:
-    """What ``method`` trains on, of U and of S (None: S is not drawn), for any per-item attribute."""
-    if method == "oracle":
-        of_unlabeled = of_unlabeled[~split.unlabeled_is_sensitive]
-    if method == "filter":
-        if keep is None:
-            raise ValueError("method filter needs the keep mask of its S-vs-U classifier")
-        of_unlabeled = of_unlabeled[keep]
-    if method not in S_OBJECTIVE_METHODS:
-        return of_unlabeled, None
-    return of_unlabeled, of_sensitive
-
-
-def training_pool(
-    split: PUSplit, method: str, keep: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The tensor that batches index into, its is-sensitive mask, and the |U|, |S| it holds.
-
-    Methods whose objective ignores S (unsupervised, oracle, filter, weighted, reject) draw from U
-    alone, so their batches are all training signal. ``oracle`` keeps only the hidden-normal part
-    of U, ``filter`` the part its S-vs-U classifier kept (``keep``).
-    """
-    check_method_fits_data(method, split)
-    unlabeled, sensitive = _method_items(split, method, keep, split.unlabeled, split.sensitive)
-    if sensitive is None:
-        return unlabeled, torch.zeros(len(unlabeled), dtype=torch.bool), len(unlabeled), 0
-    pool = torch.cat([unlabeled, sensitive])
-    is_sensitive = torch.cat(
-        [torch.zeros(len(unlabeled), dtype=torch.bool), torch.ones(len(sensitive), dtype=torch.bool)]
-    )
-    return pool, is_sensitive, len(unlabeled), len(sensitive)
-
-
-# A class-conditional UNet is conditioned on what a user knows of each item: the set it came from
-# (the twin of the paper's Stable Diffusion captions, where all of U reads "a photo of a middle aged
-# man" and S "a photo of Brad Pitt"). Which items of U are sensitive is never known in the PU
-# setting, so no class may reveal it.
-UNLABELED_LABEL, SENSITIVE_LABEL = 0, 1
-SET_CLASSES = 2
-
-
-def grid_labels(config: RunConfig, num: int) -> torch.Tensor | None:
-    """The end-of-run grid of a class-conditional model: U's label, what a user samples; None
-    for an unconditional model."""
-    if not config.model.num_classes:
-        return None
-    return torch.full((num,), UNLABELED_LABEL, dtype=torch.long)
-
-
-def filter_keep(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = True) -> torch.Tensor:
-    """The ``filter`` method's keep mask over U: read from ``RUN/filter.json`` when a resumed run
-    has it (so a resume trains on exactly the same items), computed and written otherwise."""
-    from pudm.classifier import FitConfig
-    from pudm.filtering import filter_report, keep_mask, sensitive_scores
-
-    path = Path(run_dir) / FILTER
-    if path.is_file():
-        stored = runs.read_json(path)
-        kept = torch.tensor(stored.get("kept_indices", []), dtype=torch.long)
-        if stored.get("num_unlabeled") != len(split.unlabeled) or not (
-            len(kept) and 0 <= int(kept.min()) and int(kept.max()) < len(split.unlabeled)
-        ):
-            raise runs.RunError(
-                f"{path} does not belong to this run's data: delete it to recompute the filter"
-            )
-        keep = torch.zeros(len(split.unlabeled), dtype=torch.bool)
-        keep[kept] = True
-        return keep
-    train = config.train
-    scores = sensitive_scores(
-        split.unlabeled,
-        split.sensitive,
-        folds=train.filter_folds,
-        fit_config=FitConfig(epochs=train.filter_epochs, seed=train.seed),
-    )
-    keep = keep_mask(scores, train.beta)
-    if write:
-        # Counts only: how many of the dropped items were truly sensitive is the evaluator's to
-        # say (eval.json), since training never reads the hidden truth.
-        report = filter_report(keep, None)
-        runs.atomic_write_json(
-            path,
-            {
-                **report,
-                "beta": train.beta,
-                "folds": train.filter_folds,
-                "kept_indices": torch.nonzero(keep).flatten().tolist(),
-                "scores": scores.tolist(),
-            },
-        )
-    return keep
-
-
-def weighted_weights(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = True) -> torch.Tensor:
-    """The ``weighted`` method's weight of every U item: read from ``RUN/weights.json`` when a
-    resumed run has it, computed (:func:`pudm.filtering.soft_weights`) and written otherwise."""
-    from pudm.classifier import FitConfig
-    from pudm.filtering import soft_weights
-
-    path = Path(run_dir) / WEIGHTS
-    if path.is_file():
-        stored = runs.read_json(path)
-        weights = torch.tensor(stored.get("weights", []), dtype=torch.float32)
-        if len(weights) != len(split.unlabeled):
-            raise runs.RunError(
-                f"{path} does not belong to this run's data: delete it to recompute the weights"
-            )
-        return weights
-    train = config.train
-    soft = soft_weights(
-        split.unlabeled,
-        split.sensitive,
-        train.beta,
-        folds=train.filter_folds,
-        fit_config=FitConfig(epochs=train.filter_epochs, seed=train.seed),
-    )
-    if write:
-        # No hidden truth here: how the weights of truly sensitive items compare is eval.json's.
-        runs.atomic_write_json(
-            path,
-            {
-                "beta": train.beta,
-                "folds": train.filter_folds,
-                **soft.summary(),
-                "weights": soft.weights.tolist(),
-                "ratios": soft.ratios.tolist(),
-                "scores": soft.scores.tolist(),
-            },
-        )
-    return soft.weights
-
-
-def run_rejector(config: RunConfig, split: PUSplit, run_dir: Path, write: bool = True):
-    """The ``reject`` method's :class:`pudm.filtering.Rejector`: loaded from ``RUN/rejector`` when
-    a resumed run has it, fitted (the filter's cross-fitted classifiers) and saved otherwise."""
-    from pudm.classifier import FitConfig
-    from pudm.filtering import REJECTOR, Rejector
-
-    path = Path(run_dir) / REJECTOR
-    if (path / "config.json").is_file():
-        return Rejector.load(path)
-    train = config.train
-    rejector = Rejector.fit(
-        split.unlabeled,
-        split.sensitive,
-        train.beta,
-        folds=train.filter_folds,
-        fit_config=FitConfig(epochs=train.filter_epochs, seed=train.seed),
-    )
-    if write:
-        rejector.save(path)
-    return rejector
-
-
-def load_rejector(run_dir: Path):
-    """A ``reject`` run's rejector, None for every other run (or a bare pipeline folder)."""
-    from pudm.filtering import REJECTOR, Rejector
-
-    path = Path(run_dir) / REJECTOR
-    return Rejector.load(path) if (path / "config.json").is_file() else None
+def check_method_fits_data(method: str, split, folds: int | None = None) -> None:
+    """The run's method can train on ``split`` (checked before anything is written)."""
+    methods.get(method).check_data(split, folds)
 
 
 def build_optimizer(parameters, train):
@@ -361,34 +69,6 @@ def build_optimizer(parameters, train):
     if train.lr_schedule == "cosine":
         return optimizer, get_cosine_schedule_with_warmup(optimizer, train.warmup_steps, train.steps)
     return optimizer, get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
-
-
-def make_ema(model: torch.nn.Module) -> torch.nn.Module:
-    """The EMA of ``model``: a frozen copy in which only the trainable parameters are copied; the
-    frozen ones (a LoRA model's base) are shared with the model, not held twice."""
-    shared = {id(p): p for p in model.parameters() if not p.requires_grad}
-    return copy.deepcopy(model, memo=shared).requires_grad_(False)
-
-
-def trainable_names(model: torch.nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
-@torch.no_grad()
-def update_ema(
-    ema: torch.nn.Module, model: torch.nn.Module, decay: float, names: list[str] | None = None
-) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over ``names`` (default: every parameter)."""
-    ema_params, model_params = dict(ema.named_parameters()), dict(model.named_parameters())
-    names = list(model_params) if names is None else names
-    torch._foreach_lerp_(
-        [ema_params[n] for n in names], [model_params[n].detach() for n in names], 1.0 - decay
-    )
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """Warm-up of the EMA decay, (1 + step) / (10 + step) capped at ``decay``: early weights fade."""
-    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 class TrainingInterrupted(RuntimeError):
@@ -438,28 +118,88 @@ class NonFiniteLoss(RuntimeError):
 # skipped by pudm's non-finite guard.
 _APPLIED, _OVERFLOW, _SKIPPED = "applied", "overflow", "skipped"
 
+# What each log tick averages; "bracket" is the PU negative-risk estimate mean_U l - beta mean_S l;
+# "live_sensitive_fraction" the share of S items whose h(l) is above 1e-6 (h(l) underflows to 0 in
+# float32 once l > ~104, and the S term of supervised and the positive risk of pu are then dead).
+TICK_FIELDS = (
+    "loss",
+    "risk",
+    "positive_risk",
+    "bracket",
+    "mean_unlabeled_loss",
+    "mean_sensitive_loss",
+    "corrected_fraction",
+    "sensitive_per_batch",
+    "live_sensitive_fraction",
+    "grad_norm",
+)
+_PROGRESS_NAMES = {"positive_risk": "h_S", "bracket": "bracket", "live_sensitive_fraction": "live_S"}
+
+
+def progress_fields(method: str, means: dict[str, float]) -> dict[str, str]:
+    """The progress bar's postfix: the loss, and the tick fields the method says it optimises."""
+    shown = {"loss": f"{means['loss']:.3g}"}
+    for name in methods.get(method).progress:
+        shown[_PROGRESS_NAMES[name]] = f"{means[name]:.3g}"
+    return shown
+
 
 @dataclass
-class _StepInputs:
-    """What every step of one run draws on (built once per run by :meth:`Trainer._loop`)."""
+class Tick:
+    """What one log tick gathers between two metrics lines, and the run of non-finite steps.
 
-    fetch: Callable
-    method: str
-    pool_weights: torch.Tensor | None
-    trainable: list
-    batches: PUBatches
-    reduce: CrossProcessSum | None
-
-
-@dataclass
-class _Tick:
-    """What one log tick gathers between two metrics lines."""
+    Its state goes into every checkpoint, so that a run resumed in the middle of a tick writes the
+    same metrics line as the run that was never stopped."""
 
     start: float = field(default_factory=time.perf_counter)
     rows: list = field(default_factory=list)
     steps: int = 0
     skipped: int = 0
     overflow: int = 0
+    nonfinite_run: int = 0
+
+    def record(self, outcome: str, row: torch.Tensor | None) -> None:
+        self.steps += 1
+        if outcome == _APPLIED:
+            self.rows.append(row)
+        self.overflow += outcome == _OVERFLOW
+        self.skipped += outcome == _SKIPPED
+        self.nonfinite_run = self.nonfinite_run + 1 if outcome == _SKIPPED else 0
+
+    def next(self) -> Tick:
+        """The next tick: nothing gathered yet, the non-finite run carried on."""
+        return Tick(nonfinite_run=self.nonfinite_run)
+
+    def state_dict(self) -> dict:
+        rows = torch.stack(self.rows).cpu() if self.rows else torch.zeros(0, len(TICK_FIELDS))
+        seconds = time.perf_counter() - self.start
+        return {"rows": rows, "steps": self.steps, "skipped": self.skipped, "overflow": self.overflow,
+                "nonfinite_run": self.nonfinite_run, "seconds": seconds}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict | None, device) -> Tick:
+        """The tick a checkpoint stopped in (a fresh one for checkpoints without it)."""
+        if not state:
+            return cls()
+        return cls(
+            start=time.perf_counter() - float(state["seconds"]),
+            rows=list(state["rows"].to(device).unbind()),
+            steps=int(state["steps"]),
+            skipped=int(state["skipped"]),
+            overflow=int(state["overflow"]),
+            nonfinite_run=int(state["nonfinite_run"]),
+        )
+
+
+@dataclass
+class _Plan:
+    """What every step of one run draws on (built once per run by :meth:`Trainer._loop`)."""
+
+    batches: Batches
+    indices: PUBatches
+    method: methods.Method
+    trainable: list
+    reduce: CrossProcessSum | None
 
 
 @dataclass
@@ -469,136 +209,15 @@ class TrainResult:
     final_metrics: dict[str, float]
 
 
-class PixelTask:
-    """What the loop trains for the paper's models: a pixel-space UNet (new or pretrained) on a
-    :class:`PUSplit`, its batches, and what is saved at the end (pipeline, grid, summary).
-
-    A task is the part of a run that depends on the model: ``build`` (the model and its noise
-    schedule), ``prepare`` (data set-up before the loop), ``batches`` (what a step draws),
-    ``finish`` (what is saved) and ``summary``. :class:`Trainer` does everything else;
-    :class:`pudm.sd.LatentTask` is the Stable Diffusion task.
-    """
-
-    ema = True  # the paper's models always keep an EMA of their weights
-
-    def __init__(self, config: RunConfig, split: PUSplit):
-        self.config, self.split = config, split
-        self.keep = self.unlabeled_weights = self.rejector = self.pool_weights = None
-
-    def build(self, accelerator: Accelerator):
-        """The UNet and its training noise schedule."""
-        cfg = self.config
-        if cfg.model.pretrained:
-            # Fine-tuning: the pretrained UNet and the pipeline's own noise schedule.
-            return load_pretrained(cfg.model.pretrained)
-        channels, image_size = self.split.image_shape[0], self.split.image_shape[-1]
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
-            torch.manual_seed(cfg.train.seed)
-            unet = build_unet(cfg.model, image_size=image_size, channels=channels)
-        return unet, build_noise_scheduler(cfg.model)
-
-    def prepare(self, accelerator: Accelerator, run_dir: Path) -> None:
-        """filter's mask, weighted's weights, reject's rejector: every process computes the same
-        seeded result; the main process writes it into the run folder."""
-        cfg, split, write = self.config, self.split, accelerator.is_main_process
-        if cfg.train.method == "filter":
-            self.keep = filter_keep(cfg, split, run_dir, write=write)
-        elif cfg.train.method == "weighted":
-            self.unlabeled_weights = weighted_weights(cfg, split, run_dir, write=write)
-        elif cfg.train.method == "reject":
-            self.rejector = run_rejector(cfg, split, run_dir, write=write)
-
-    def batches(self, accelerator: Accelerator):
-        """What the loop draws from: ``(fetch, num_unlabeled, num_sensitive, objective method)``.
-
-        ``fetch(index, step)`` turns the step's pool indices into ``(clean, is_sensitive,
-        conditioning)`` on the device; ``conditioning`` is None for an unconditional UNet.
-        ``self.pool_weights``: ``weighted``'s per-item weights over the pool (None otherwise).
-        """
-        train, device = self.config.train, accelerator.device
-        pool, pool_is_sensitive, num_unlabeled, num_sensitive = training_pool(
-            self.split, train.method, self.keep
-        )
-        pool, pool_is_sensitive = pool.to(device), pool_is_sensitive.to(device)
-        if self.unlabeled_weights is not None:
-            self.pool_weights = self.unlabeled_weights.to(device)  # the pool is U, in order
-        if self.config.model.num_classes:
-            # Class-conditional UNet: each item is conditioned on the set it was drawn from (U's
-            # label or S's), never on its hidden class.
-            labels = torch.where(pool_is_sensitive, SENSITIVE_LABEL, UNLABELED_LABEL).long()
-
-            def fetch(index: torch.Tensor, step: int):
-                return pool[index], pool_is_sensitive[index], {"class_labels": labels[index]}
-
-        else:
-
-            def fetch(index: torch.Tensor, step: int):
-                return pool[index], pool_is_sensitive[index], None
-
-        method = "unsupervised" if train.method in ("oracle", "filter", "reject") else train.method
-        return fetch, num_unlabeled, num_sensitive, method
-
-    def summary(self) -> dict:
-        return self.split.summary()
-
-    def finish(self, trainer: Trainer) -> None:
-        """The final EMA weights as a diffusers pipeline, and the sample grid."""
-        cfg, ema = self.config, trainer.ema
-        training_schedule = DDPMScheduler.from_config(trainer.noise_scheduler.config)
-        # Saved from a CPU copy; sampled where the EMA already lives (the accelerator's device):
-        # the other processes wait at a barrier meanwhile, and a large UNet sampled on the CPU
-        # could outlast its timeout.
-        ema.eval()
-
-        def save(tmp: Path) -> None:
-            save_pipeline(copy.deepcopy(ema).to("cpu"), training_schedule, tmp)
-            write_card(tmp, cfg.to_dict(), self.summary())
-
-        runs.atomic_write_dir(trainer.run_dir / "pipeline", save)
-
-        def draw(count: int, seed: int):
-            return generate(
-                ema,
-                training_schedule.config,
-                class_labels=grid_labels(cfg, count),
-                num=count,
-                sampler=cfg.sample.sampler,
-                steps=cfg.sample.steps,
-                seed=seed,
-                show_progress=False,
-            )
-
-        images = None
-        if self.rejector is not None:  # reject: the grid shows what pudm's sampler returns
-            from pudm.filtering import sample_with_rejection
-
-            # A grid is no reason to fail a finished run: show what was kept (or, if nothing was,
-            # the unfiltered draws) and say so.
-            images, rejection = sample_with_rejection(
-                draw, self.rejector, cfg.sample.grid_size, cfg.train.seed, allow_fewer=True
-            )
-            if len(images) < cfg.sample.grid_size:
-                logging.getLogger("pudm").warning(
-                    "warning: the rejector kept %d of %d draws for samples.png%s",
-                    len(images),
-                    rejection["num_drawn"],
-                    "; the grid shows unfiltered samples" if not len(images) else "",
-                )
-                images = images if len(images) else None
-        if images is None:
-            images = draw(cfg.sample.grid_size, cfg.train.seed)
-        save_grid(images, trainer.run_dir / "samples.png")
-
-
 class Trainer:
     """Trains one run into ``run_dir``: the loop, for any model a task describes.
 
     ``train()`` builds the task's model, its EMA, AdamW and the learning-rate schedule, optionally
     restores them from the last checkpoint, runs the loop, and lets the task save what it makes.
     SIGINT/SIGTERM stop the loop between two steps with a checkpoint of the last complete step.
-    The task (default :class:`PixelTask` over ``split``; :class:`pudm.sd.LatentTask` for Stable
-    Diffusion) says what a batch is, what trains and what is saved; the step itself (objective,
-    non-finite guard, logging, checkpoints, stops) is here, in :meth:`_step`.
+    The task (default :class:`pudm.tasks.PixelTask` over ``split``; :class:`pudm.sd.LatentTask` for
+    Stable Diffusion) says what a batch is, what trains and what is saved; the step itself
+    (objective, non-finite guard, logging, checkpoints, stops) is here.
     """
 
     def __init__(
@@ -621,6 +240,9 @@ class Trainer:
         )
         self.show_progress = show_progress
         self.last_metrics: dict[str, float] = {}
+        self.tick = Tick()
+
+    # -- build, restore, save the state ----------------------------------------------------------
 
     def _build(self) -> None:
         self.unet, self.noise_scheduler = self.task.build(self.accelerator)
@@ -646,24 +268,28 @@ class Trainer:
                 "run's own settings, or start again with --overwrite"
             )
         state = checkpoint["state"]
-        processes = self.accelerator.num_processes
-        # Checkpoints written before the process count was recorded cannot be checked.
-        if state.get("world_size", processes) != processes:
-            raise runs.RunError(
-                f"checkpoint {checkpoints[-1]} was written by {state['world_size']} processes and this "
-                f"launch has {processes}: every batch and noise draw depends on the process count, so "
-                f"resume with {state['world_size']} processes (accelerate launch --num_processes "
-                f"{state['world_size']}), or start again with --overwrite"
-            )
+        self._check_process_count(state, checkpoints[-1])
         self._load_states(checkpoint["model"], checkpoint["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.tick = Tick.from_state(state.get("tick"), self.accelerator.device)
         step = int(state["step"])
         if self.accelerator.is_main_process:
             runs.truncate_metrics(self.run_dir / "metrics.jsonl", step)
         return step
+
+    def _check_process_count(self, state: dict, checkpoint: Path) -> None:
+        processes = self.accelerator.num_processes
+        # Checkpoints written before the process count was recorded cannot be checked.
+        if state.get("world_size", processes) != processes:
+            raise runs.RunError(
+                f"checkpoint {checkpoint} was written by {state['world_size']} processes and this "
+                f"launch has {processes}: every batch and noise draw depends on the process count, so "
+                f"resume with {state['world_size']} processes (accelerate launch --num_processes "
+                f"{state['world_size']}), or start again with --overwrite"
+            )
 
     def _config_matches(self, stored: dict) -> bool:
         try:
@@ -677,13 +303,6 @@ class Trainer:
 
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self._named_trainable(self.accelerator.unwrap_model(self.unet)).values())
-
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint keeps of the model: its trainable parameters."""
-        return self._named_trainable(self.accelerator.unwrap_model(self.unet))
-
-    def _ema_state(self) -> dict[str, torch.Tensor]:
-        return self._named_trainable(self.ema) if self.ema is not None else {}
 
     def _load_states(self, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor]) -> None:
         trainable = self._named_trainable(self.unet)
@@ -700,22 +319,35 @@ class Trainer:
                 for name, parameter in self._named_trainable(self.ema).items():
                     parameter.copy_(ema[name])
 
+    def _checkpoint(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        unwrapped = self.accelerator.unwrap_model(self.unet)
+        runs.save_checkpoint(
+            self.run_dir,
+            step,
+            model_state=self._named_trainable(unwrapped),
+            ema_state=self._named_trainable(self.ema) if self.ema is not None else {},
+            trainer_state={
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                # fp16's loss scale: a resumed run continues at the scale it had
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+                # batches and noise depend on (step, rank, world size): a resume needs the same
+                "world_size": self.accelerator.num_processes,
+                # the tick under way and the run of non-finite steps, as they stood after `step`
+                "tick": self.tick.state_dict(),
+            },
+            config=self.config.to_dict(),
+            keep=self.config.train.keep_checkpoints,
+        )
+
     def _update_ema(self, step: int) -> None:
         if self.ema is not None:
             decay = ema_decay_at(step, self.config.train.ema_decay)
             update_ema(self.ema, self.accelerator.unwrap_model(self.unet), decay, self.trainable)
 
-    def _prepare(self) -> None:
-        """Let the task set up its data; hand the model and optimiser to accelerate."""
-        self.task.prepare(self.accelerator, self.run_dir)
-        self.unet, self.optimizer = self.accelerator.prepare(self.unet, self.optimizer)
-        if self.ema is not None:
-            self.ema.to(self.accelerator.device)
-
-    def _batches(self):
-        return self.task.batches(self.accelerator)
-
-    # ---------------------------------------------------------------------------------------------
+    # -- the run ---------------------------------------------------------------------------------
 
     def train(self, resume: bool = False) -> TrainResult:
         """Build, restore (``resume``), run the loop and save; torch's TF32 switches are set from
@@ -749,11 +381,13 @@ class Trainer:
         start_step = self._restore() if resume else 0
         if self.trackers:
             self._start_trackers(start_step)
-        self._prepare()
-        device = accelerator.device
+        # The method's state (fitted by the main process, read by all), then accelerate's wrapping.
+        self.task.prepare(accelerator, self.run_dir)
+        self.unet, self.optimizer = accelerator.prepare(self.unet, self.optimizer)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
         # add_noise indexes alphas_cumprod by the timesteps: keep both on the device.
-        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
-
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(accelerator.device)
         progress = tqdm(
             total=cfg.train.steps,
             initial=start_step,
@@ -765,7 +399,6 @@ class Trainer:
         with StopRequest() as stop:
             self._loop(start_step, progress, stop)
         progress.close()
-
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self._checkpoint(cfg.train.steps)
@@ -773,70 +406,74 @@ class Trainer:
         accelerator.wait_for_everyone()
         return TrainResult(self.run_dir, cfg.train.steps, self.last_metrics)
 
+    def _plan(self) -> _Plan:
+        """What every step draws on: the task's batches, the indices of every step's items, the
+        method, and the cross-process sum of a data-parallel run."""
+        train, world_size = self.config.train, self.accelerator.num_processes
+        batches = self.task.batches(self.accelerator)
+        indices = PUBatches(
+            batches.num_unlabeled,
+            batches.num_sensitive,
+            train.batch_size * train.gradient_accumulation_steps,
+            seed=train.seed * 1000,
+            sensitive_per_batch=self.config.data.sensitive_per_batch if batches.num_sensitive else None,
+            world_size=world_size,
+        )
+        # Data parallel: the objective's sums and counts are all-reduced: the global batch's.
+        reduce = CrossProcessSum() if world_size > 1 else None
+        method = methods.get(train.method)
+        return _Plan(batches, indices, method, self._trainable_parameters(), reduce)
+
     def _loop(self, start_step: int, progress: tqdm, stop: StopRequest) -> None:
         """The steps, and between them the per-tick bookkeeping: logging, stops, checkpoints."""
-        accelerator, train = self.accelerator, self.config.train
-        fetch, num_unlabeled, num_sensitive, objective_method = self._batches()
-        world_size = accelerator.num_processes
-        step_inputs = _StepInputs(
-            fetch=fetch,
-            method=objective_method,
-            pool_weights=self.task.pool_weights,
-            trainable=self._trainable_parameters(),
-            batches=PUBatches(
-                num_unlabeled,
-                num_sensitive,
-                train.batch_size * train.gradient_accumulation_steps,
-                seed=train.seed * 1000,
-                sensitive_per_batch=self.config.data.sensitive_per_batch if num_sensitive else None,
-            ),
-            # Data parallel: the objective's sums and counts are all-reduced: the global batch's.
-            reduce=CrossProcessSum() if world_size > 1 else None,
-        )
-        tick, nonfinite_run = _Tick(), 0
-        for step in range(start_step, train.steps):
-            outcome, row = self._step(step, step_inputs)
+        plan = self._plan()
+        for step in range(start_step, self.config.train.steps):
+            self.tick.record(*self._step(step, plan))
             done = step + 1
-            tick.steps += 1
-            if outcome == _APPLIED:
-                tick.rows.append(row)
-            elif outcome == _OVERFLOW:
-                tick.overflow += 1
-            nonfinite_run = nonfinite_run + 1 if outcome == _SKIPPED else 0
-            tick.skipped += outcome == _SKIPPED
-            if nonfinite_run >= train.max_nonfinite_steps:
-                self._log_tick(done, tick, progress)
-                self._checkpoint(done)
-                accelerator.wait_for_everyone()
-                raise NonFiniteLoss(done, nonfinite_run, self.run_dir)
-            if done % train.log_every == 0 or done == train.steps:
-                self._log_tick(done, tick, progress)
-                tick = _Tick()
+            self._stop_if_nonfinite(done, progress)
+            self._log_if_due(done, progress)
             progress.update(1)
-            if world_size > 1:
-                # Every process must stop after the same step: agree at log ticks (a host sync
-                # happens there anyway) rather than pay an all-reduce per step.
-                stopping = done % train.log_every == 0 and self._any_process(stop.requested)
-            else:
-                stopping = stop.requested
-            if stopping and done < train.steps:
-                # Between two steps the state is consistent: save it, then leave.
-                self._checkpoint(done)
-                # Nobody leaves before the checkpoint is on disk: a launcher tears the whole group
-                # down as soon as one process exits with an error.
-                accelerator.wait_for_everyone()
-                raise TrainingInterrupted(done, self.run_dir)
-            if done % train.checkpoint_every == 0 and done < train.steps:
+            self._stop_if_asked(done, stop)
+            if done % self.config.train.checkpoint_every == 0 and done < self.config.train.steps:
                 self._checkpoint(done)
 
-    def _step(self, step: int, inputs: _StepInputs) -> tuple[str, torch.Tensor | None]:
+    def _stop_if_nonfinite(self, done: int, progress: tqdm) -> None:
+        """Too many non-finite losses in a row: log, checkpoint the last good state, stop."""
+        if self.tick.nonfinite_run >= self.config.train.max_nonfinite_steps:
+            count = self.tick.nonfinite_run
+            self._log_tick(done, progress)
+            self._checkpoint(done)
+            self.accelerator.wait_for_everyone()
+            raise NonFiniteLoss(done, count, self.run_dir)
+
+    def _log_if_due(self, done: int, progress: tqdm) -> None:
+        if done % self.config.train.log_every == 0 or done == self.config.train.steps:
+            self._log_tick(done, progress)
+
+    def _stop_if_asked(self, done: int, stop: StopRequest) -> None:
+        """SIGINT/SIGTERM: between two steps the state is consistent: save it, then leave."""
+        train = self.config.train
+        if self.accelerator.num_processes > 1:
+            # Every process must stop after the same step: agree at log ticks (a host sync happens
+            # there anyway) rather than pay an all-reduce per step.
+            stopping = done % train.log_every == 0 and self._any_process(stop.requested)
+        else:
+            stopping = stop.requested
+        if stopping and done < train.steps:
+            self._checkpoint(done)
+            # Nobody leaves before the checkpoint is on disk: a launcher tears the whole group down
+            # as soon as one process exits with an error.
+            self.accelerator.wait_for_everyone()
+            raise TrainingInterrupted(done, self.run_dir)
+
+    def _step(self, step: int, plan: _Plan) -> tuple[str, torch.Tensor | None]:
         """One optimisation step: the step's batch, noise and timesteps, the per-sample loss, the
         objective, and the guarded update. Returns what happened (applied, overflow or skipped)
         and, for an applied step, its TICK_FIELDS row (a device tensor: no host sync)."""
         accelerator, train = self.accelerator, self.config.train
         device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
-        index = inputs.batches.indices(step, rank, world_size).to(device)
-        clean, is_sensitive, conditioning = inputs.fetch(index, step)
+        index = plan.indices.indices(step, rank).to(device)
+        clean, is_sensitive, conditioning = plan.batches.fetch(index, step)
         # One generator per step: the noise of step k depends only on (seed, k), so a resumed run
         # draws exactly what an uninterrupted one would. Each process draws the noise and
         # timesteps of the whole global batch and keeps its block, as with the items: N processes
@@ -845,18 +482,20 @@ class Trainer:
         mine = slice(rank * len(clean), (rank + 1) * len(clean))
         generator = torch.Generator(device=device).manual_seed((train.seed * 1_000_003 + step) * 64)
         noise = torch.randn((world_size * len(clean), *clean.shape[1:]), generator=generator, device=device)
-        timesteps = torch.randint(
-            0,
-            self.noise_scheduler.config.num_train_timesteps,
-            (world_size * len(clean),),
-            generator=generator,
-            device=device,
+        horizon = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, horizon, (world_size * len(clean),), generator=generator, device=device)
+        weights = None if plan.batches.weights is None else plan.batches.weights[index]
+        out = self._objective(
+            step, plan, (clean, is_sensitive, conditioning, weights), noise[mine], timesteps[mine]
         )
-        noise, timesteps = noise[mine], timesteps[mine]
-        out = self._objective(step, inputs, index, clean, is_sensitive, conditioning, noise, timesteps)
         accelerator.backward(out.loss)
-        grad_norm = accelerator.clip_grad_norm_(inputs.trainable, train.max_grad_norm)
-        scaler = accelerator.scaler  # fp16 on GPUs: torch's GradScaler; None otherwise
+        grad_norm = accelerator.clip_grad_norm_(plan.trainable, train.max_grad_norm)
+        return self._update(step, out, grad_norm)
+
+    def _update(self, step: int, out, grad_norm) -> tuple[str, torch.Tensor | None]:
+        """The optimiser step, then the EMA of the weights it produced; neither on a non-finite
+        loss or gradient, nor (fp16) on a step the grad scaler skipped."""
+        scaler = self.accelerator.scaler  # fp16 on GPUs: torch's GradScaler; None otherwise
         # A non-finite loss (or, without an fp16 grad scaler, which handles its own overflow, a
         # non-finite gradient) must never reach the weights: skip the update. The check is one
         # host sync per step. Under data parallelism both values are global already.
@@ -883,12 +522,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return outcome, row
 
-    def _objective(self, step, inputs, index, clean, is_sensitive, conditioning, noise, timesteps):
+    def _objective(self, step: int, plan: _Plan, batch, noise, timesteps):
         """The per-sample loss and the objective of this process's block; with K micro-batches,
-        every micro-batch but the last is backpropagated here. Returns the last one's output."""
+        every micro-batch but the last is backpropagated here. Returns the last one's output.
+        During a warm start the objective is the unsupervised one, whatever the method."""
         accelerator, train = self.accelerator, self.config.train
-        method = inputs.method if step >= train.warm_start_steps else "unsupervised"
-        pool_weights = inputs.pool_weights
+        clean, is_sensitive, conditioning, weights = batch
+        warm = step < train.warm_start_steps
+        formula = "unsupervised" if warm else plan.method.objective
 
         def micro_objective(part: slice, reduce):
             """The objective of the items ``part`` of this process's block, with ``reduce``."""
@@ -901,14 +542,21 @@ class Trainer:
                     timesteps[part],
                     None if conditioning is None else {k: v[part] for k, v in conditioning.items()},
                 )
+            extra = (
+                {}
+                if warm
+                else plan.method.objective_inputs(
+                    train, None if weights is None else weights[part], timesteps[part]
+                )
+            )
             return objective(
-                method,
+                formula,
                 per_sample_loss,
                 is_sensitive[part],
                 beta=train.beta,
                 correction=train.correction,
                 reduce=reduce,
-                **_objective_inputs(inputs.method, step, train, index[part], timesteps[part], pool_weights),
+                **extra,
             )
 
         parts = [
@@ -916,28 +564,29 @@ class Trainer:
             for j in range(train.gradient_accumulation_steps)
         ]
         if len(parts) == 1:
-            out = micro_objective(slice(None), inputs.reduce)
-        else:
-            # Gradient accumulation that keeps the objective exact: |mean_U l - beta mean_S l| and
-            # its sign are not sums over micro-batches, so first learn the whole batch's sums
-            # (forward only), then backpropagate each micro-batch with them.
-            recorder = SumRecorder()
-            with torch.no_grad():
-                for part in parts:
-                    micro_objective(part, recorder)
-            total = recorder.total() if inputs.reduce is None else inputs.reduce(recorder.total())
-            known = KnownSums(total, accelerator.num_processes)
-            for part in parts[:-1]:
-                with accelerator.no_sync(self.unet):
-                    accelerator.backward(micro_objective(part, known).loss)
-            out = micro_objective(parts[-1], known)
-        return out
+            return micro_objective(slice(None), plan.reduce)
+        # Gradient accumulation that keeps the objective exact: |mean_U l - beta mean_S l| and its
+        # sign are not sums over micro-batches, so first learn the whole batch's sums (forward
+        # only), then backpropagate each micro-batch with them.
+        recorder = SumRecorder()
+        with torch.no_grad():
+            for part in parts:
+                micro_objective(part, recorder)
+        total = recorder.total() if plan.reduce is None else plan.reduce(recorder.total())
+        known = KnownSums(total, accelerator.num_processes)
+        for part in parts[:-1]:
+            with accelerator.no_sync(self.unet):
+                accelerator.backward(micro_objective(part, known).loss)
+        return micro_objective(parts[-1], known)
 
     def _any_process(self, flag: bool) -> bool:
         value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
-    def _log_tick(self, step: int, tick: _Tick, progress) -> None:
+    # -- what a run leaves behind ----------------------------------------------------------------
+
+    def _log_tick(self, step: int, progress) -> None:
+        tick = self.tick
         rows, steps, seconds = tick.rows, tick.steps, time.perf_counter() - tick.start
         if rows:
             means = dict(zip(TICK_FIELDS, torch.stack(rows).mean(0).tolist(), strict=True))
@@ -954,32 +603,13 @@ class Trainer:
             "skipped_nonfinite": tick.skipped,
             "skipped_overflow": tick.overflow,
         }
+        self.tick = tick.next()
         if self.accelerator.is_main_process:
             runs.append_jsonl(self.run_dir / "metrics.jsonl", self.last_metrics)
         if self.trackers:
             finite = {k: v for k, v in self.last_metrics.items() if k != "step" and math.isfinite(v)}
             self.accelerator.log(finite, step=step)
-        progress.set_postfix(progress_fields(self.config.train.method, means), refresh=False)
-
-    def _checkpoint(self, step: int) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        runs.save_checkpoint(
-            self.run_dir,
-            step,
-            model_state=self._model_state(),
-            ema_state=self._ema_state(),
-            trainer_state={
-                "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.lr_scheduler.state_dict(),
-                # fp16's loss scale: a resumed run continues at the scale it had
-                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
-                # batches and noise depend on (step, rank, world size): a resume needs the same
-                "world_size": self.accelerator.num_processes,
-            },
-            config=self.config.to_dict(),
-            keep=self.config.train.keep_checkpoints,
-        )
+        progress.set_postfix(progress_fields(train.method, means), refresh=False)
 
     def _log_grid(self) -> None:
         """The end-of-run sample grid, to every tracker."""
@@ -1007,50 +637,6 @@ class Trainer:
                 "data": self.task.summary(),
             },
         )
-
-
-def _objective_inputs(method: str, step: int, train, index, timesteps, pool_weights) -> dict:
-    """The extra per-item inputs of the objective at ``step``: weighted's weights, pu-bounded's
-    high-noise mask; none during a warm start (the unsupervised objective)."""
-    if step < train.warm_start_steps:
-        return {}
-    if method == "weighted":
-        return {"weights": pool_weights[index]}
-    if method == "pu-bounded":
-        return {"high_noise": timesteps >= train.pu_min_timestep}
-    return {}
-
-
-# What each log tick averages; "bracket" is the PU negative-risk estimate mean_U l - beta mean_S l;
-# "live_sensitive_fraction" the share of S items whose h(l) is above 1e-6 (h(l) underflows to 0 in
-# float32 once l > ~104, and the S term of supervised and the positive risk of pu are then dead).
-TICK_FIELDS = (
-    "loss",
-    "risk",
-    "positive_risk",
-    "bracket",
-    "mean_unlabeled_loss",
-    "mean_sensitive_loss",
-    "corrected_fraction",
-    "sensitive_per_batch",
-    "live_sensitive_fraction",
-    "grad_norm",
-)
-
-# What the progress bar shows beside the loss: what the method optimises.
-_PROGRESS_FIELDS = {
-    "supervised": ("positive_risk", "live_sensitive_fraction"),
-    "pu": ("bracket", "positive_risk"),
-}
-_PROGRESS_NAMES = {"positive_risk": "h_S", "bracket": "bracket", "live_sensitive_fraction": "live_S"}
-
-
-def progress_fields(method: str, means: dict[str, float]) -> dict[str, str]:
-    """The progress bar's postfix for ``method``: the loss, and for supervised/pu their S terms."""
-    shown = {"loss": f"{means['loss']:.3g}"}
-    for name in _PROGRESS_FIELDS.get(method, ()):
-        shown[_PROGRESS_NAMES[name]] = f"{means[name]:.3g}"
-    return shown
 
 
 def _tick_row(out, grad_norm) -> torch.Tensor:
