@@ -19,6 +19,7 @@ from pudm.datasets import split_from_config
 from pudm.ema import ema_decay_at, make_ema, trainable_names, update_ema
 from pudm.objectives import _global_sums, objective
 from pudm.processes import make_accelerator
+from pudm.ticks import TICK_FIELDS, progress_fields
 from pudm.training import Trainer
 
 WEIGHTS = "pipeline/unet/diffusion_pytorch_model.safetensors"
@@ -342,8 +343,8 @@ def test_the_end_of_run_grid_samples_the_ema_where_it_lives(tmp_path, monkeypatc
     ],
 )
 def test_the_progress_bar_shows_what_the_method_optimises(method, shown):
-    means = dict.fromkeys(training.TICK_FIELDS, 1.0)
-    assert set(training.progress_fields(method, means)) == shown
+    means = dict.fromkeys(TICK_FIELDS, 1.0)
+    assert set(progress_fields(method, means)) == shown
 
 
 def test_live_sensitive_fraction_says_when_h_is_dead():

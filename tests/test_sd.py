@@ -150,7 +150,8 @@ def test_pudm_sample_and_evaluate_with_a_folder_classifier(world, tmp_path):
 
 def _trainer(world: Path, tmp_path: Path, cache: bool):
     from pudm.cli import _sd_config, build_parser
-    from pudm.sd import SDTrainer, load_text_images
+    from pudm.sd import load_text_images
+    from pudm.sd_task import SDTrainer
 
     args = build_parser().parse_args(
         [*base_args(world), "--out", str(tmp_path), *FAST] + ([] if cache else ["--no-cache"])

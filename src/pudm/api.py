@@ -108,7 +108,7 @@ class Run:
     def pipeline(self, device: str | None = None):
         """The trained model as a diffusers pipeline (LoRA adapters loaded for a LoRA sd run)."""
         if self.is_sd:
-            from pudm.sd import load_run_pipeline
+            from pudm.sd_pipeline import load_run_pipeline
 
             return load_run_pipeline(self.path, device=device or _device())
         from pudm.models import load_pipeline
@@ -158,23 +158,12 @@ def train(
     Under ``accelerate launch`` every process calls this; the main process alone writes.
     """
     from pudm.datasets import split_from_config
-    from pudm.processes import process_state
     from pudm.training import Trainer
 
     out = Path(out)
-    folder = runs.RunFolder(out)
-    folder.check(resume, overwrite)
-    _check_trackers(report_to)
-    if push_to_hub:
-        check_hub(push_to_hub)
+    folder = _run_folder(out, resume, overwrite, report_to, push_to_hub)
     if resume:
-        stored = _stored_config(out)
-        if config is not None and RunConfig.normalize(config.to_dict()) != stored.to_dict():
-            raise runs.RunError(
-                f"--resume: {out} was trained with other settings than the config given: resume with "
-                "config=None (the run's own), or start a new run with overwrite=True"
-            )
-        config = stored
+        config = _resumed(out, config, _stored_config(out), RunConfig.normalize)
     if config is None:
         raise UsageError("train needs a config (pudm.preset(...)) unless it resumes a run")
     config.validate()
@@ -185,48 +174,70 @@ def train(
     split = split_from_config(config, report=log.warning)
     method.check_data(split, config.train.filter_folds)
     if auto_beta and not resume:
-        if not method.uses_beta:
-            raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
-        from pudm.prior import apply_estimate, describe, estimate_for_config
-
-        estimate = estimate_for_config(config, split)
-        apply_estimate(config, estimate)
-        log.info("--beta auto: %s", describe(estimate))
-        for warning in estimate.warnings:
-            log.warning("warning: %s", warning)
+        _estimate_beta_first(config, split)
     if resume and folder.complete:
         _push(out, push_to_hub)
         return Run(out)
-    # Under `accelerate launch` every process runs this: all of them validate, then the main
-    # process alone touches the folder while the others wait.
+    summary = split.summary()
+    hidden = summary["unlabeled_sensitive"]
+    _start_writing(
+        folder,
+        overwrite,
+        f"{config.preset}, method {config.train.method}, beta {config.train.beta}, U {summary['unlabeled']}"
+        + (f" (hidden sensitive {hidden})" if hidden is not None else "")
+        + f", S {summary['sensitive']}, {config.train.steps} steps",
+    )
+    Trainer(config, split, out, show_progress=show_progress, report_to=report_to).train(resume=resume)
+    _push(out, push_to_hub)
+    return Run(out)
+
+
+def _run_folder(out: Path, resume: bool, overwrite: bool, report_to: str, push_to_hub: str | None):
+    """The run folder, checked with everything a run needs before it starts (nothing written)."""
+    folder = runs.RunFolder(out)
+    folder.check(resume, overwrite)
+    _check_trackers(report_to)
+    if push_to_hub:
+        check_hub(push_to_hub)
+    return folder
+
+
+def _resumed(out: Path, config, stored, normalize=lambda values: values):
+    """A resumed run's config: the stored one; a config given must be the same."""
+    if config is not None and normalize(config.to_dict()) != stored.to_dict():
+        raise runs.RunError(
+            f"--resume: {out} was trained with other settings than the config given: resume with "
+            "config=None (the run's own), or start a new run with overwrite=True"
+        )
+    return stored
+
+
+def _estimate_beta_first(config: RunConfig, split) -> None:
+    """``--beta auto``: beta estimated from U and S (the whole estimate kept in the config)."""
+    from pudm.prior import apply_estimate, describe, estimate_for_config
+
+    if not methods.get(config.train.method).uses_beta:
+        raise UsageError(f"--beta auto: method {config.train.method} does not use beta: drop --beta")
+    estimate = estimate_for_config(config, split)
+    apply_estimate(config, estimate)
+    log.info("--beta auto: %s", describe(estimate))
+    for warning in estimate.warnings:
+        log.warning("warning: %s", warning)
+
+
+def _start_writing(folder, overwrite: bool, what: str) -> None:
+    """Under ``accelerate launch`` every process gets here, all of them having validated; the
+    main process alone prepares the folder and says what it trains, while the others wait."""
+    from pudm.processes import process_state
+
     state = process_state()
     if state.is_main_process:
         folder.make_writable()
         if overwrite:
             folder.clear()
-        summary = split.summary()
         processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
-        hidden = (
-            f" (hidden sensitive {summary['unlabeled_sensitive']})"
-            if summary["unlabeled_sensitive"] is not None
-            else ""
-        )
-        log.info(
-            "%s, method %s, beta %s, U %s%s, S %s, %s steps%s -> %s",
-            config.preset,
-            config.train.method,
-            config.train.beta,
-            summary["unlabeled"],
-            hidden,
-            summary["sensitive"],
-            config.train.steps,
-            processes,
-            out,
-        )
+        log.info("%s%s -> %s", what, processes, folder.path)
     state.wait_for_everyone()
-    Trainer(config, split, out, show_progress=show_progress, report_to=report_to).train(resume=resume)
-    _push(out, push_to_hub)
-    return Run(out)
 
 
 def _push(out: Path, repo_id: str | None) -> None:
@@ -252,32 +263,16 @@ def train_sd(
     be the ones the run started with.
     """
     from pudm.processes import process_state
-    from pudm.sd import (
-        SDTrainer,
-        data_fingerprints,
-        is_sd_run,
-        load_parts,
-        load_run_config,
-        load_text_images,
-        resolve_steps,
-    )
+    from pudm.sd import data_fingerprints, is_sd_run, load_run_config, load_text_images, resolve_steps
+    from pudm.sd_pipeline import load_parts
+    from pudm.sd_task import SDTrainer
 
     out = Path(out)
-    folder = runs.RunFolder(out)
-    folder.check(resume, overwrite)
-    _check_trackers(report_to)
-    if push_to_hub:
-        check_hub(push_to_hub)
+    folder = _run_folder(out, resume, overwrite, report_to, push_to_hub)
     if resume:
         if not is_sd_run(out):
             raise UsageError(f"--resume: {out} holds no pudm sd run (no config.json of one): drop --resume")
-        stored = load_run_config(out)
-        if config is not None and config.to_dict() != stored.to_dict():
-            raise runs.RunError(
-                f"--resume: {out} was trained with other settings than the config given: resume with "
-                "config=None (the run's own), or start a new run with overwrite=True"
-            )
-        config = stored
+        config = _resumed(out, config, load_run_config(out))
     if config is None:
         raise UsageError("train_sd needs a config (pudm.sd.SDRunConfig) unless it resumes a run")
     config.validate()
@@ -292,12 +287,10 @@ def train_sd(
         if folder.complete:
             _push(out, push_to_hub)
             return Run(out)
-    state = process_state()
-    if not resume:
+    else:
         config.data.fingerprints = found
-        config.data.num_unlabeled = len(data.unlabeled.files)
-        config.data.num_sensitive = len(data.sensitive.files) if data.sensitive else 0
-        resolve_steps(config, data, state.num_processes)
+        config.data.num_unlabeled, config.data.num_sensitive = data.num_unlabeled, data.num_sensitive
+        resolve_steps(config, data, process_state().num_processes)
         config.validate()
         if config.train.warm_start_steps >= config.train.steps:
             raise UsageError(
@@ -306,34 +299,21 @@ def train_sd(
             )
     # Load the pipeline before anything is written: a bad pretrained model leaves no half-made run.
     parts = load_parts(config.model.pretrained)
-    if state.is_main_process:
-        folder.make_writable()
-        if overwrite:
-            folder.clear()
-        skipped = data.skipped()
-        if skipped:
-            log.warning(
-                "skipped %d unreadable image file(s), e.g. %s (%s); --strict makes this an error",
-                len(skipped),
-                skipped[0][0],
-                skipped[0][1],
-            )
-        mode = f"LoRA rank {config.model.lora_rank}" if config.lora else "full UNet"
-        log.info(
-            "%s, %s, method %s, beta %s, U %d, S %d, %d caption(s), %d px, %d steps%s -> %s",
-            config.model.pretrained,
-            mode,
-            config.train.method,
-            config.train.beta,
-            config.data.num_unlabeled,
-            config.data.num_sensitive,
-            len(data.captions),
-            config.data.resolution,
-            config.train.steps,
-            f", {state.num_processes} processes" if state.num_processes > 1 else "",
-            out,
+    skipped = data.skipped()
+    if skipped and process_state().is_main_process:
+        log.warning(
+            "skipped %d unreadable image file(s), e.g. %s (%s); --strict makes this an error",
+            len(skipped),
+            *skipped[0],
         )
-    state.wait_for_everyone()
+    mode = f"LoRA rank {config.model.lora_rank}" if config.lora else "full UNet"
+    _start_writing(
+        folder,
+        overwrite,
+        f"{config.model.pretrained}, {mode}, method {config.train.method}, beta {config.train.beta}, "
+        f"U {config.data.num_unlabeled}, S {config.data.num_sensitive}, {len(data.captions)} caption(s), "
+        f"{config.data.resolution} px, {config.train.steps} steps",
+    )
     SDTrainer(config, data, out, show_progress=show_progress, parts=parts, report_to=report_to).train(
         resume=resume
     )
@@ -407,7 +387,8 @@ def sample_described(
 
 
 def _sample_sd(path, num, seed, sampler, steps, prompt, guidance_scale) -> tuple[np.ndarray, str]:
-    from pudm.sd import generate_sd, load_run_config, load_run_pipeline
+    from pudm.sd import load_run_config
+    from pudm.sd_pipeline import generate_sd, load_run_pipeline
 
     config = load_run_config(path)
     prompt = prompt or (config.sample.prompts[0] if config.sample.prompts else config.data.unlabeled_prompt)

@@ -298,23 +298,7 @@ def run_benchmark(
     )
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: choose a folder")
-    if classifier_path is not None:
-        classifier = Classifier.load(classifier_path)
-        check_classifier(classifier, first)  # before anything is written
-    elif (out / "classifier" / "config.json").is_file():
-        classifier = Classifier.load(out / "classifier")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        log(f"training the evaluation classifier -> {out / 'classifier'}")
-        classifier = train_for_config(first)
-        classifier.save(out / "classifier")
-    out.mkdir(parents=True, exist_ok=True)
-    check_classifier(classifier, first)
-    log(
-        f"evaluation classifier: {classifier.info.arch}, held-out accuracy "
-        f"{classifier.info.heldout_accuracy:.3f} ({classifier.info.num_heldout} images)"
-    )
-
+    classifier = _judge(out, classifier_path, first, log)
     settings = {
         "num_samples": num,
         "sampler": sampler,
@@ -322,7 +306,6 @@ def run_benchmark(
         "sampling_seed": 0,
         "fingerprint": classifier.fingerprint(),
     }
-    evals: dict[str, dict] = {}
     for cell in cells:
         caution = registry.get(cell.method).sampler_caution(configs[cell.name].model.prediction_type, sampler)
         if caution:
@@ -344,10 +327,34 @@ def run_benchmark(
     if pretrained and runs.is_complete(Path(pretrained)):
         log(f"[before] {pretrained}")
         before = evaluate(Path(pretrained))
-        log(
-            f"    non-sensitive rate {before['non_sensitive_rate']:.3f}, "
-            f"{FID_CLASSIFIER} {before['fid_classifier']:.2f}"
-        )
+        _log_cell(log, before)
+    evals = _train_and_evaluate(cells, configs, out, evaluate, show_progress, log)
+    rows = summarise(cells, evals)
+    if before is not None:
+        rows.insert(0, _before_row(before))
+    results = {
+        "preset": preset_name,
+        "methods": list(methods),
+        "seeds": list(seeds),
+        "betas": list(betas) if betas else None,
+        "training_steps": first.train.steps,
+        "pretrained": pretrained,
+        **{k: v for k, v in settings.items() if k != "fingerprint"},
+        "classifier": _judge_record(classifier),
+        "summary": rows,
+        "cells": {
+            cell.name: {"method": cell.method, "seed": cell.seed, "beta": cell.beta, **evals[cell.name]}
+            for cell in cells
+        },
+    }
+    _write_results(out, results, classifier, cells, evals)
+    return results
+
+
+def _train_and_evaluate(cells, configs, out: Path, evaluate, show_progress: bool, log) -> dict[str, dict]:
+    """Every cell trained (a twin's model reused where the method trains like another), resumed or
+    reused, then evaluated: ``{cell name: eval.json}``."""
+    evals: dict[str, dict] = {}
     for index, cell in enumerate(cells, 1):
         run_dir = out / "runs" / cell.name
         log(f"[{index}/{len(cells)}] {cell.name}")
@@ -358,15 +365,57 @@ def run_benchmark(
         if not from_twin(configs[cell.name], run_dir, twin):
             ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
         evals[cell.name] = evaluate(run_dir)  # a filter run's eval.json holds its filter report
-        log(
-            f"    non-sensitive rate {evals[cell.name]['non_sensitive_rate']:.3f}, "
-            f"{FID_CLASSIFIER} {evals[cell.name]['fid_classifier']:.2f}"
-        )
+        _log_cell(log, evals[cell.name])
+    return evals
 
-    rows = summarise(cells, evals)
-    if before is not None:
-        rows.insert(0, _before_row(before))
-    table = markdown_table(rows, num, sampler, sample_steps)
+
+def _judge(
+    out: Path, classifier_path: Path | None, first: RunConfig, log: Callable[[str], None]
+) -> Classifier:
+    """The evaluation classifier: the one given (checked before anything is written), the one the
+    benchmark folder holds, or one trained on the preset's real labels and kept there."""
+    if classifier_path is not None:
+        classifier = Classifier.load(classifier_path)
+        check_classifier(classifier, first)
+    elif (out / "classifier" / "config.json").is_file():
+        classifier = Classifier.load(out / "classifier")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        log(f"training the evaluation classifier -> {out / 'classifier'}")
+        classifier = train_for_config(first)
+        classifier.save(out / "classifier")
+    out.mkdir(parents=True, exist_ok=True)
+    check_classifier(classifier, first)
+    info = classifier.info
+    accuracy = f"held-out accuracy {info.heldout_accuracy:.3f} ({info.num_heldout} images)"
+    log(f"evaluation classifier: {info.arch}, {accuracy}")
+    return classifier
+
+
+def _judge_record(classifier: Classifier) -> dict:
+    info = classifier.info
+    return {
+        "path": str(classifier.path),
+        "arch": info.arch,
+        "heldout_accuracy": info.heldout_accuracy,
+        "heldout_sensitive_recall": info.heldout_sensitive_recall,
+        "heldout_class_recall": list(info.heldout_class_recall),
+        "fingerprint": classifier.fingerprint(),
+    }
+
+
+def _log_cell(log: Callable[[str], None], result: dict) -> None:
+    rate, fid = result["non_sensitive_rate"], result["fid_classifier"]
+    log(f"    non-sensitive rate {rate:.3f}, {FID_CLASSIFIER} {fid:.2f}")
+
+
+def _write_results(out: Path, results: dict, classifier: Classifier, cells: list[Cell], evals: dict) -> None:
+    """results.json, table.md (with the judge's held-out recall) and the plots."""
+    from pudm.plots import plot_benchmark
+
+    table = markdown_table(
+        results["summary"], results["num_samples"], results["sampler"], results["sampling_steps"]
+    )
     info = classifier.info
     recall = info.heldout_sensitive_recall
     judge = f"Judge: {info.arch} on the real labels, held-out accuracy {info.heldout_accuracy:.3f}"
@@ -374,35 +423,9 @@ def run_benchmark(
         judge += f", recall of sensitive items {recall:.3f}"
         if recall < 0.99:
             judge += " (the rate cannot show sensitive samples the judge misses)"
-    table += judge + ".\n"
-    results = {
-        "preset": preset_name,
-        "methods": list(methods),
-        "seeds": list(seeds),
-        "betas": list(betas) if betas else None,
-        "training_steps": first.train.steps,
-        "pretrained": pretrained,
-        **{k: v for k, v in settings.items() if k != "fingerprint"},
-        "classifier": {
-            "path": str(classifier.path),
-            "arch": classifier.info.arch,
-            "heldout_accuracy": classifier.info.heldout_accuracy,
-            "heldout_sensitive_recall": classifier.info.heldout_sensitive_recall,
-            "heldout_class_recall": list(classifier.info.heldout_class_recall),
-            "fingerprint": settings["fingerprint"],
-        },
-        "summary": rows,
-        "cells": {
-            cell.name: {"method": cell.method, "seed": cell.seed, "beta": cell.beta, **evals[cell.name]}
-            for cell in cells
-        },
-    }
     runs.atomic_write_json(out / RESULTS, results)
-    runs.atomic_write_bytes(out / TABLE, table.encode())
-    from pudm.plots import plot_benchmark
-
+    runs.atomic_write_bytes(out / TABLE, (table + judge + ".\n").encode())
     plot_benchmark(out, cells, evals)
-    return results
 
 
 # Defaults of `pudm benchmark` and of its quick mode (`pudm demo`).

@@ -482,7 +482,7 @@ def _run_command(args: argparse.Namespace) -> int:
         print(f"pudm {args.command}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as error:
-        from pudm.training import NonFiniteLoss, TrainingInterrupted
+        from pudm.stops import NonFiniteLoss, TrainingInterrupted
 
         if isinstance(error, NonFiniteLoss):
             print(f"pudm {args.command}: error: {error}", file=sys.stderr)

@@ -334,7 +334,8 @@ def evaluate_sd_run(
     image folders (``pudm classifier train --normal DIR --sensitive DIR``) are the usual choice.
     """
     from pudm.imagefolder import load_folder
-    from pudm.sd import generate_sd, load_run_config, load_run_pipeline
+    from pudm.sd import load_run_config
+    from pudm.sd_pipeline import generate_sd, load_run_pipeline
 
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)

@@ -3,7 +3,7 @@
 A task builds the model and its noise schedule (``build``), sets up its data before the loop
 (``prepare``: the method's fitted state), says what a step draws (``batches``), and saves what the
 run makes (``finish``) and a summary of its data. :class:`pudm.training.Trainer` does the rest.
-:class:`PixelTask` trains the paper's pixel-space UNets; :class:`pudm.sd.LatentTask` Stable
+:class:`PixelTask` trains the paper's pixel-space UNets; :class:`pudm.sd_task.LatentTask` Stable
 Diffusion on VAE latents.
 """
 

@@ -10,10 +10,8 @@ is the task's (:mod:`pudm.tasks`); what the method trains on is the method's (:m
 from __future__ import annotations
 
 import math
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +27,9 @@ from pudm.ema import ema_decay_at, make_ema, trainable_names, update_ema
 from pudm.errors import UsageError
 from pudm.objectives import CrossProcessSum, KnownSums, SumRecorder, objective
 from pudm.processes import LOGS, check_trackers, make_accelerator, tracker_config
+from pudm.stops import NonFiniteLoss, StopRequest, TrainingInterrupted
 from pudm.tasks import Batches, PixelTask
+from pudm.ticks import APPLIED, OVERFLOW, SKIPPED, TICK_FIELDS, Tick, progress_fields, tick_row
 
 
 def per_sample_denoising_loss(
@@ -71,126 +71,6 @@ def build_optimizer(parameters, train):
     return optimizer, get_constant_schedule_with_warmup(optimizer, train.warmup_steps)
 
 
-class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived; a checkpoint of the last complete step was saved."""
-
-    def __init__(self, step: int, run_dir: Path):
-        super().__init__(
-            f"interrupted at step {step}; checkpoint saved: continue with pudm train --resume --out {run_dir}"
-        )
-        self.step = step
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss stayed non-finite for too many steps in a row; the last good state was saved."""
-
-    def __init__(self, step: int, count: int, run_dir: Path):
-        super().__init__(
-            f"stopped at step {step}: the loss was not finite for {count} steps in a row (those updates "
-            f"were skipped; the last good weights are in the step {step} checkpoint): lower --lr, or use "
-            f"--mixed-precision no, and start again with --overwrite --out {run_dir}"
-        )
-        self.step = step
-
-
-# What a step did: updated the weights, was skipped by the fp16 grad scaler (overflow), or was
-# skipped by pudm's non-finite guard.
-_APPLIED, _OVERFLOW, _SKIPPED = "applied", "overflow", "skipped"
-
-# What each log tick averages; "bracket" is the PU negative-risk estimate mean_U l - beta mean_S l;
-# "live_sensitive_fraction" the share of S items whose h(l) is above 1e-6 (h(l) underflows to 0 in
-# float32 once l > ~104, and the S term of supervised and the positive risk of pu are then dead).
-TICK_FIELDS = (
-    "loss",
-    "risk",
-    "positive_risk",
-    "bracket",
-    "mean_unlabeled_loss",
-    "mean_sensitive_loss",
-    "corrected_fraction",
-    "sensitive_per_batch",
-    "live_sensitive_fraction",
-    "grad_norm",
-)
-_PROGRESS_NAMES = {"positive_risk": "h_S", "bracket": "bracket", "live_sensitive_fraction": "live_S"}
-
-
-def progress_fields(method: str, means: dict[str, float]) -> dict[str, str]:
-    """The progress bar's postfix: the loss, and the tick fields the method says it optimises."""
-    shown = {"loss": f"{means['loss']:.3g}"}
-    for name in methods.get(method).progress:
-        shown[_PROGRESS_NAMES[name]] = f"{means[name]:.3g}"
-    return shown
-
-
-@dataclass
-class Tick:
-    """What one log tick gathers between two metrics lines, and the run of non-finite steps.
-
-    Its state goes into every checkpoint, so that a run resumed in the middle of a tick writes the
-    same metrics line as the run that was never stopped."""
-
-    start: float = field(default_factory=time.perf_counter)
-    rows: list = field(default_factory=list)
-    steps: int = 0
-    skipped: int = 0
-    overflow: int = 0
-    nonfinite_run: int = 0
-
-    def record(self, outcome: str, row: torch.Tensor | None) -> None:
-        self.steps += 1
-        if outcome == _APPLIED:
-            self.rows.append(row)
-        self.overflow += outcome == _OVERFLOW
-        self.skipped += outcome == _SKIPPED
-        self.nonfinite_run = self.nonfinite_run + 1 if outcome == _SKIPPED else 0
-
-    def next(self) -> Tick:
-        """The next tick: nothing gathered yet, the non-finite run carried on."""
-        return Tick(nonfinite_run=self.nonfinite_run)
-
-    def state_dict(self) -> dict:
-        rows = torch.stack(self.rows).cpu() if self.rows else torch.zeros(0, len(TICK_FIELDS))
-        seconds = time.perf_counter() - self.start
-        return {"rows": rows, "steps": self.steps, "skipped": self.skipped, "overflow": self.overflow,
-                "nonfinite_run": self.nonfinite_run, "seconds": seconds}  # fmt: skip
-
-    @classmethod
-    def from_state(cls, state: dict | None, device) -> Tick:
-        """The tick a checkpoint stopped in (a fresh one for checkpoints without it)."""
-        if not state:
-            return cls()
-        return cls(
-            start=time.perf_counter() - float(state["seconds"]),
-            rows=list(state["rows"].to(device).unbind()),
-            steps=int(state["steps"]),
-            skipped=int(state["skipped"]),
-            overflow=int(state["overflow"]),
-            nonfinite_run=int(state["nonfinite_run"]),
-        )
-
-
 @dataclass
 class _Plan:
     """What every step of one run draws on (built once per run by :meth:`Trainer._loop`)."""
@@ -215,7 +95,7 @@ class Trainer:
     ``train()`` builds the task's model, its EMA, AdamW and the learning-rate schedule, optionally
     restores them from the last checkpoint, runs the loop, and lets the task save what it makes.
     SIGINT/SIGTERM stop the loop between two steps with a checkpoint of the last complete step.
-    The task (default :class:`pudm.tasks.PixelTask` over ``split``; :class:`pudm.sd.LatentTask` for
+    The task (default :class:`pudm.tasks.PixelTask` over ``split``; :class:`pudm.sd_task.LatentTask` for
     Stable Diffusion) says what a batch is, what trains and what is saved; the step itself
     (objective, non-finite guard, logging, checkpoints, stops) is here.
     """
@@ -502,17 +382,17 @@ class Trainer:
         finite = torch.isfinite(out.loss.detach())
         if scaler is None:
             finite = finite & torch.isfinite(torch.as_tensor(grad_norm))
-        outcome, row = _SKIPPED, None
+        outcome, row = SKIPPED, None
         if bool(finite):
             self.optimizer.step()
             if scaler is not None and self.optimizer.step_was_skipped:
                 # fp16 overflow in the gradients: the scaler skipped the update and lowered its
                 # scale. Routine while the scale settles; the weights and EMA are untouched and the
                 # inf grad norm stays out of the tick's averages.
-                outcome = _OVERFLOW
+                outcome = OVERFLOW
             else:
                 self._update_ema(step)
-                outcome, row = _APPLIED, _tick_row(out, grad_norm)
+                outcome, row = APPLIED, tick_row(out, grad_norm)
         elif scaler is not None:
             # clip_grad_norm_ unscaled the gradients, and only the scaler's update() clears that:
             # without it the next step's unscale_() raises. A non-finite loss is treated as an
@@ -637,21 +517,3 @@ class Trainer:
                 "data": self.task.summary(),
             },
         )
-
-
-def _tick_row(out, grad_norm) -> torch.Tensor:
-    """One step's TICK_FIELDS as a device tensor (no host sync)."""
-    return torch.stack(
-        [
-            out.loss.detach(),
-            out.risk.detach(),
-            out.positive_risk.detach(),
-            out.negative_risk.detach(),
-            out.mean_unlabeled_loss.detach(),
-            out.mean_sensitive_loss.detach(),
-            out.corrected.detach().float(),
-            out.num_sensitive.detach().float(),
-            out.live_sensitive_fraction.detach().float(),
-            torch.as_tensor(grad_norm, device=out.loss.device).float(),
-        ]
-    )
