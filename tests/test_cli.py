@@ -1,6 +1,7 @@
 """The real command line, end to end: train a few steps, resume, sample, load with diffusers."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,10 +143,27 @@ def test_sample_writes_png_and_npz_deterministically(tmp_path, finished_run):
         )
         == 0
     )
+    # --sample-steps is the name every command uses; --steps stays as its alias.
     assert (
-        main(["sample", str(finished_run / "pipeline"), "--num", "10", "--steps", "4", "--out", str(again)])
+        main(
+            [
+                "sample",
+                str(finished_run / "pipeline"),
+                "--num",
+                "10",
+                "--sample-steps",
+                "4",
+                "--out",
+                str(again),
+            ]
+        )
         == 0
     )
+    # A copied pipeline in a folder of its own (pipeline/ but no config.json) is a bare pipeline.
+    bare = tmp_path / "copied"
+    shutil.copytree(finished_run / "pipeline", bare / "pipeline")
+    assert main(["sample", str(bare), "--num", "10", "--steps", "4", "--out", str(tmp_path / "c.npz")]) == 0
+    assert np.array_equal(np.load(tmp_path / "c.npz")["images"], np.load(again)["images"])
     images = np.load(npz)["images"]
     assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
     assert np.array_equal(images, np.load(again)["images"])
@@ -217,7 +235,8 @@ def test_resume_without_checkpoint_or_run(tmp_path, capsys):
     "args,message",
     [
         (["--num", "0"], "--num must be > 0"),
-        (["--steps", "0"], "--steps must be > 0"),
+        (["--sample-steps", "0"], "--sample-steps must be > 0"),
+        (["--steps", "0"], "--sample-steps must be > 0"),
         (["--out", "x.jpg"], ".png"),
     ],
 )
@@ -242,6 +261,10 @@ def test_console_entry_point_help_and_errors(tmp_path):
     assert result.returncode == 0
     for command in ("train", "sample", "classifier", "evaluate", "benchmark", "demo"):
         assert command in result.stdout
+    from pudm import __version__
+
+    result = subprocess.run([sys.executable, "-m", "pudm", "--version"], capture_output=True, text=True)
+    assert (result.returncode, result.stdout.strip()) == (0, f"pudm {__version__}")
     result = subprocess.run(
         [sys.executable, "-m", "pudm", "train", "--beta", "2", "--out", str(tmp_path / "r")],
         capture_output=True,

@@ -161,11 +161,20 @@ def _unet(run: Path) -> dict[str, torch.Tensor]:
     return load_file(next((run / "pipeline" / "unet").glob("*.safetensors")))
 
 
-@pytest.mark.parametrize("method", ["pu", "pu-bounded", "weighted"])
-def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batch(tmp_path, method):
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("pu", []),
+        ("pu", ["--sensitive-per-batch", "4"]),  # a global count: 2 per process, 4 in the one batch
+        ("pu-bounded", []),
+        ("weighted", []),
+        ("filter", []),
+    ],
+)
+def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batch(tmp_path, method, extra):
     env, launch = _launch()
     two, one = tmp_path / "two", tmp_path / "one"
-    args = [*ARGS, "--method", method, "--filter-epochs", "1"]
+    args = [*ARGS, "--method", method, "--filter-epochs", "1", *extra]
     done = _run([*launch, "train", "--out", str(two), *args, "--batch-size", "8"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stderr, "the launch must really be data-parallel"
@@ -185,6 +194,10 @@ def test_accelerate_launch_two_processes_matches_one_process_with_twice_the_batc
             assert a[key] == pytest.approx(b[key], rel=1e-4), key
         assert a["sensitive_per_batch"] == pytest.approx(b["sensitive_per_batch"])
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    # A fitted state is fitted once, by the main process, and the same as one process fits.
+    for state in ("weights.json", "filter.json"):
+        if (one / state).exists():
+            assert json.loads((two / state).read_text()) == json.loads((one / state).read_text()), state
     # Weights: Adam turns the rounding noise of near-zero gradients into whole steps of a few
     # elements, so they are compared as one vector, relative to how far training moved them
     # between the last two checkpoints (measured: 0.002; per-process means instead of the global
@@ -230,3 +243,35 @@ def test_pudm_sd_lora_two_processes_matches_one_process(tmp_path):
     theirs = load_file(one / "lora" / "pytorch_lora_weights.safetensors")
     for name, value in theirs.items():
         torch.testing.assert_close(mine[name], value, rtol=0, atol=1e-4)
+
+
+FAILING_FIT = """
+import sys
+from accelerate import PartialState
+from pudm import methods
+from pudm.cli import main
+
+def fit(self, config, split, device="cpu"):
+    if PartialState().is_main_process:
+        raise OSError("disk full (planted)")
+    raise AssertionError("only the main process fits")
+
+methods.get("weighted").__class__.fit = fit
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_fit_on_the_main_process_stops_every_process_instead_of_hanging(tmp_path):
+    """The other processes wait for the main one's state: its failure must reach them (a
+    collective), or they would wait at a barrier until the launcher's timeout."""
+    script = tmp_path / "failing_fit.py"
+    script.write_text(FAILING_FIT)
+    env, launch = _launch()
+    launch = [*launch[: launch.index("-m")], str(script)]
+    run = tmp_path / "run"
+    args = [*ARGS, "--method", "weighted", "--filter-epochs", "1", "--batch-size", "8"]
+    done = _run([*launch, "train", "--out", str(run), *args], env)
+    assert done.returncode != 0
+    assert "disk full (planted)" in done.stderr
+    assert "the main process failed to fit the state" in done.stderr, "the other process must say why"
+    assert not (run / "weights.json").exists(), "no state half-written"

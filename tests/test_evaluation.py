@@ -294,6 +294,14 @@ def test_benchmark_writes_tables_and_plots_and_resumes(tmp_path, classifier_dir,
     }
     assert (out / "runs" / "pu-seed1" / "eval.json").is_file()
 
+    # An evaluation made under another seed scheme (other samples for the same seed) is redone.
+    stale = out / "runs" / "filter-seed0" / "eval.json"
+    record = json.loads(stale.read_text())
+    record["sampling_seeds"] = "older"
+    stale.write_text(json.dumps(record))
+    assert main(args) == 0
+    assert json.loads(stale.read_text())["sampling_seeds"] != "older"
+
 
 def test_benchmark_beta_sweep_and_bad_input(tmp_path, classifier_dir, capsys):
     out = tmp_path / "sweep"

@@ -27,6 +27,7 @@ from pudm.config import SAMPLERS, RunConfig, default_steps, flag
 from pudm.errors import UsageError
 from pudm.evaluation import EVAL, FID_CLASSIFIER, FID_PIXELS, check_classifier, evaluate_run
 from pudm.flags import beta_value, csv
+from pudm.sampling import SEED_SCHEME
 
 _LOG = logging.getLogger("pudm")
 RESULTS = "results.json"
@@ -304,6 +305,7 @@ def run_benchmark(
         "sampler": sampler,
         "sampling_steps": sample_steps,
         "sampling_seed": 0,
+        "sampling_seeds": SEED_SCHEME,
         "fingerprint": classifier.fingerprint(),
     }
     for cell in cells:

@@ -61,7 +61,13 @@ SAMPLE_OPTIONS = (
     ("run", Path, None, "run folder or pipeline folder"),
     ("--num", int, 64, "number of samples (default 64)"),
     ("--sampler", SAMPLERS, None, "ddpm, ddim, dpm or dpm-sde; default from the run"),
-    ("--steps", int, None, "sampling steps (default: the run's, 1000 for ddpm)"),
+    (
+        ("--sample-steps", "--steps"),
+        int,
+        None,
+        "sampling steps (default: the run's, 1000 for ddpm); --steps is an alias",
+        {"dest": "steps"},
+    ),
     ("--seed", int, 0, "sampling seed (default 0)"),
     (
         "--class",
@@ -121,6 +127,7 @@ def _pick(args: argparse.Namespace, *keys: str) -> dict:
 
 
 def _add_options(group, options) -> None:
+    """Add ``(flag or (flag, alias...), type or choices or FLAG, default, help[, argparse kwargs])``."""
     for name, kind, default, help_text, *extra in options:
         kwargs = {"help": help_text, **(extra[0] if extra else {})}
         if kind == FLAG:
@@ -131,7 +138,7 @@ def _add_options(group, options) -> None:
             kwargs.setdefault("type", kind)
         if default is not None and kwargs.get("action") != "store_false":
             kwargs["default"] = default
-        group.add_argument(name, **kwargs)
+        group.add_argument(*((name,) if isinstance(name, str) else name), **kwargs)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -208,7 +215,7 @@ def command_sample(args: argparse.Namespace) -> int:
     if args.num <= 0:
         raise UsageError(f"--num must be > 0, got {args.num}")
     if args.steps is not None and args.steps <= 0:
-        raise UsageError(f"--steps must be > 0, got {args.steps}")
+        raise UsageError(f"--sample-steps must be > 0, got {args.steps}")
     check_sample_files(args.out)
     keys = ("sampler", "steps", "class_label", "prompt", "guidance_scale")
     images, how = api.sample_described(args.run, args.num, args.seed, **_pick(args, *keys))
@@ -401,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
             "normal data only."
         ),
     )
+    from pudm import __version__
+
+    parser.add_argument("--version", action="version", version=f"pudm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = _command(sub, "train", command_train)
     groups = _run_groups(train)

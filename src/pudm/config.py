@@ -39,12 +39,6 @@ def default_steps(sampler: str) -> int:
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def sampler_caution(method: str, prediction_type: str, sampler: str) -> str | None:
-    """Why ``sampler`` is unsafe for a model trained with ``method`` and ``prediction_type``, or None
-    (the method's own word: :meth:`pudm.methods.Method.sampler_caution`)."""
-    return methods.get(method).sampler_caution(prediction_type, sampler)
-
-
 def flag(default: Any, help: str, *, group: str, name: str | None = None, **argparse: Any) -> Any:
     """A config field that is also a command-line flag (``pudm.flags`` builds the parsers).
 
@@ -78,7 +72,12 @@ class DataConfig:
     # None: batches drawn from the pooled U and S (the paper); k: exactly k S items per batch.
     sensitive_per_batch: int | None = flag(
         None,
-        {"train": "exactly K items of S per batch (default: drawn from the pooled U and S, as the paper)"},
+        {
+            "train": (
+                "exactly K items of S per global batch, spread over the processes "
+                "(default: drawn from the pooled U and S, as the paper)"
+            )
+        },
         group="data",
     )
     # The paper's data sets: where torchvision's files are (None: $PUDM_DATA_DIR or

@@ -27,7 +27,7 @@ from pudm.cards import refresh_cards
 from pudm.classifier import Classifier
 from pudm.config import RunConfig, default_steps
 from pudm.errors import UsageError
-from pudm.sampling import save_grid, to_uint8
+from pudm.sampling import SEED_SCHEME, save_grid, to_uint8
 
 EVAL = "eval.json"
 EVAL_GRID = "eval_samples.png"
@@ -265,6 +265,7 @@ def evaluate_run(
         "sampler": sampler,
         "sampling_steps": steps,
         "sampling_seed": seed,
+        "sampling_seeds": SEED_SCHEME,
         "sampling_seconds": sampling_seconds,
         "sampling_device": str(device),
         **evaluate_samples(images, reference, classifier, inception_weights, with_inception),
@@ -376,6 +377,7 @@ def evaluate_sd_run(
         "sampler": sampler,
         "sampling_steps": steps,
         "sampling_seed": seed,
+        "sampling_seeds": SEED_SCHEME,
         "sampling_seconds": sampling_seconds,
         "non_sensitive_rate": float(is_normal.mean()),
         "non_sensitive_rate_95ci": [low, high],

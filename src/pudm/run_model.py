@@ -95,7 +95,9 @@ class RunModel:
 
         path = Path(path)
         pipeline_dir = pipeline_folder(path)
-        stored = RunConfig.from_dict(runs.read_json(path / runs.CONFIG)) if pipeline_dir != path else None
+        # A folder holding pipeline/ but no config.json (a copied pipeline) is read as a bare one.
+        is_run = pipeline_dir != path and runs.holds_run(path)
+        stored = RunConfig.from_dict(runs.read_json(path / runs.CONFIG)) if is_run else None
         defaults = stored.sample if stored else RunConfig().sample
         sampler = sampler or defaults.sampler
         steps = steps or (defaults.steps if sampler == defaults.sampler else default_steps(sampler))

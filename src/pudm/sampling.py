@@ -13,6 +13,10 @@ from tqdm.auto import tqdm
 from pudm.errors import UsageError
 from pudm.models import sampler_scheduler
 
+# How a sampling seed becomes each batch's generator; stored beside every evaluation, so that one
+# made under another scheme (other samples for the same seed) is not reused as if current.
+SEED_SCHEME = "seedsequence-v1"
+
 
 def sample_seed(*keys: int) -> int:
     """A 63-bit generator seed derived from ``keys`` (numpy's SeedSequence hash): different keys

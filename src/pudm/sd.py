@@ -79,7 +79,9 @@ class SDDataConfig:
     num_unlabeled: int = 0
     num_sensitive: int = 0
     # None: batches drawn from the pooled U and S (the paper); k: exactly k S items per batch.
-    sensitive_per_batch: int | None = flag(None, "exactly K items of S per batch", group="data")
+    sensitive_per_batch: int | None = flag(
+        None, "exactly K items of S per global batch, spread over the processes", group="data"
+    )
 
 
 @dataclass

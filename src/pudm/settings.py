@@ -193,19 +193,30 @@ def _sampler_caution(config: RunConfig, sources: Sources, **_) -> None:
 RULES: tuple[Callable[..., None], ...] = (_fine_tuning, _steps_of_the_sampler, _sampler_caution)
 
 
-def preset(name: str | None = None, *, unlabeled=None, sensitive=None, test=None, **settings) -> RunConfig:
+def preset(
+    name: str | None = None,
+    *,
+    unlabeled: str | Path | None = None,
+    sensitive: str | Path | None = None,
+    test: str | Path | None = None,
+    **settings: Any,
+) -> RunConfig:
     """A fresh copy of a named preset (default ``digits_even``; ``folders`` when folders are given),
     with ``settings`` applied by their flags' names (``pudm.preset("digits_even", method="pu",
     steps=3000)``; ``pudm train --help`` lists them) and the defaults that follow from them.
 
     Args:
-        unlabeled, sensitive, test: image folders (``pudm.preset("folders", unlabeled="U/",
+        name: the preset's name (``pudm train --help`` lists them).
+        unlabeled: the image folder of U (``pudm.preset("folders", unlabeled="U/",
             sensitive="S/")``), stored absolute so the run can be resumed from anywhere.
-        model: a UNet preset (``small``, ...) instead of the preset's; its prediction type stays.
-        pretrained: fine-tune this DDPM/DDIM pipeline (folder, pudm run or hub id): the model
-            section becomes the pipeline's UNet and the end-of-run grid DDIM 50, as the paper.
-            A preset that fine-tunes (``CelebA_male``) reads its pipeline's config here.
-        class_conditional: a UNet conditioned on the set each item came from (U: 0, S: 1).
+        sensitive: the image folder of S, likewise.
+        test: a folder of normal test images (the FID reference), likewise.
+        **settings: flags by name; among them ``model`` (a UNet preset, ``small``, ...; its
+            prediction type stays), ``pretrained`` (fine-tune this DDPM/DDIM pipeline: a folder,
+            a pudm run or a hub id; the model section becomes its UNet and the end-of-run grid
+            DDIM 50, as the paper; a preset that fine-tunes, ``CelebA_male``, reads its
+            pipeline's config here) and ``class_conditional`` (a UNet conditioned on the set each
+            item came from, U: 0, S: 1).
     """
     folders = {"unlabeled": unlabeled, "sensitive": sensitive, "test": test}
     given = {key: value for key, value in folders.items() if value is not None}

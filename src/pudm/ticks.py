@@ -57,6 +57,12 @@ class Tick:
     skipped: int = 0
     overflow: int = 0
     nonfinite_run: int = 0
+    carried: float = 0.0  # seconds of this tick before the checkpoint it was resumed from
+
+    def begin(self) -> None:
+        """The loop starts now: the set-up before it (a classifier's fit, a model's load) is not
+        counted in the first tick's steps per second."""
+        self.start = time.perf_counter() - self.carried
 
     def record(self, outcome: str, row: torch.Tensor | None) -> None:
         self.steps += 1
@@ -82,7 +88,7 @@ class Tick:
         if not state:
             return cls()
         return cls(
-            start=time.perf_counter() - float(state["seconds"]),
+            carried=float(state["seconds"]),
             rows=list(state["rows"].to(device).unbind()),
             steps=int(state["steps"]),
             skipped=int(state["skipped"]),

@@ -57,11 +57,6 @@ def per_sample_denoising_loss(
     return (prediction.float() - target.float()).pow(2).flatten(1).sum(1)
 
 
-def check_method_fits_data(method: str, split, folds: int | None = None) -> None:
-    """The run's method can train on ``split`` (checked before anything is written)."""
-    methods.get(method).check_data(split, folds)
-
-
 def build_optimizer(parameters, train):
     """AdamW and its learning-rate schedule (linear warm-up, then cosine or constant): the one
     optimiser set-up of every trainer."""
@@ -307,6 +302,7 @@ class Trainer:
     def _loop(self, start_step: int, progress: tqdm, stop: StopRequest) -> None:
         """The steps, and between them the per-tick bookkeeping: logging, stops, checkpoints."""
         plan = self._plan()
+        self.tick.begin()
         for step in range(start_step, self.config.train.steps):
             self.tick.record(*self._step(step, plan))
             done = step + 1

@@ -113,10 +113,21 @@ class Method:
             return None
         is_main = accelerator is None or accelerator.is_main_process
         device = "cpu" if accelerator is None else accelerator.device
-        if is_main and self.load_state(run_dir, split) is None:
-            self.save_state(self.fit(config, split, device), Path(run_dir))
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        failure = None
+        if is_main:
+            try:
+                if self.load_state(run_dir, split) is None:
+                    self.save_state(self.fit(config, split, device), Path(run_dir))
+            except BaseException as error:  # every process must learn of it, not wait at a barrier
+                failure = f"{type(error).__name__}: {error}"
+                if accelerator is None or accelerator.num_processes == 1:
+                    raise
+                _tell_everyone(accelerator, failure)
+                raise
+        if accelerator is not None and accelerator.num_processes > 1:
+            failure = _tell_everyone(accelerator, failure)
+            if failure is not None:
+                raise RuntimeError(f"{self.name}: the main process failed to fit the state: {failure}")
         state = self.load_state(run_dir, split)
         if state is None:
             raise RuntimeError(f"{self.name}: the state written to {run_dir} could not be read back")
@@ -177,3 +188,13 @@ class ClassifierMethod(Method):
         from pudm.classifier import FitConfig
 
         return FitConfig(epochs=config.train.filter_epochs, seed=config.train.seed)
+
+
+def _tell_everyone(accelerator, failure: str | None) -> str | None:
+    """The main process's word (None: its state is written) given to every process: a collective,
+    so it also serves as the barrier before the others read the state."""
+    from accelerate.utils import broadcast_object_list
+
+    word = [failure]
+    broadcast_object_list(word, from_process=0)
+    return word[0]
