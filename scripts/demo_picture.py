@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("demo", type=Path, help="a finished pudm demo or benchmark folder")
     parser.add_argument("--methods", default="unsupervised,filter", help="runs to show, left to right")
     parser.add_argument("--num", type=int, default=64, help="samples per method (a square number)")
-    parser.add_argument("--scale", type=int, default=3, help="enlargement of the 8 px digits")
+    parser.add_argument("--scale", type=int, default=4, help="enlargement of the 8 px digits")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "assets" / "demo_samples.png")
     args = parser.parse_args()
     image = picture(args.demo, args.methods.split(","), args.num, args.scale)
