@@ -28,5 +28,7 @@ echo "lowest direct versions:" >&2
 "$UV" pip freeze --python "$WORK/venv/bin/python" \
     | grep -iE '^(torch|torchvision|diffusers|accelerate|safetensors|numpy|pillow|scikit-learn|tqdm|torchmetrics|scipy|matplotlib|transformers|peft|huggingface-hub|pytest)==' >&2
 # The fast tests: everything but the multi-process launches, which test accelerate's launcher
-# rather than a floor.
-"$WORK/venv/bin/python" -m pytest -q -x -p no:cacheprovider --ignore=tests/test_distributed.py "$@"
+# rather than a floor, and the documentation site, whose tools (the docs extra) are not the
+# library's dependencies.
+"$WORK/venv/bin/python" -m pytest -q -x -p no:cacheprovider --ignore=tests/test_distributed.py \
+    --ignore=tests/test_docs.py "$@"
