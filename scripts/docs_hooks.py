@@ -85,7 +85,7 @@ def _figure(value: float | None, digits: int) -> str:
 def folder_case_table(names: str) -> str:
     """Folder cases of ``benchmarks/folder_defaults.py`` (``NAME`` or ``NAME+NAME``: one table):
     methods as columns, samplers as rows; a second file's columns are labeled with its extra flags."""
-    cells, methods, samplers = {}, [], []
+    cells = {}
     for index, name in enumerate(names.split("+")):
         path = RESULTS / "folder_cases" / f"{name}.json"
         if not path.is_file():
@@ -94,9 +94,8 @@ def folder_case_table(names: str) -> str:
         for row in case["rows"]:
             label = row["method"] if index == 0 else f"{row['method']} ({case['args']['extra'].strip()})"
             cells[label, row["sampler"]] = row
-    for label, sampler in cells:
-        methods += [] if label in methods else [label]
-        samplers += [] if sampler in samplers else [sampler]
+    methods = list(dict.fromkeys(label for label, _ in cells))
+    samplers = list(dict.fromkeys(sampler for _, sampler in cells))
     lines = ["| sampler | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for sampler in samplers:
         shown = []
