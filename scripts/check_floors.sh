@@ -23,7 +23,7 @@ if [ ! -x "$WORK/tools/bin/uv" ]; then
 fi
 UV="$WORK/tools/bin/uv"
 "$UV" venv --quiet --allow-existing --python "$PYTHON" "$WORK/venv"
-"$UV" pip install --quiet --python "$WORK/venv/bin/python" --resolution lowest-direct -e ".[test,sd]"
+"$UV" pip install --quiet --python "$WORK/venv/bin/python" --resolution lowest-direct -e ".[test,sd,data]"
 echo "lowest direct versions:" >&2
 "$UV" pip freeze --python "$WORK/venv/bin/python" \
     | grep -iE '^(torch|torchvision|diffusers|accelerate|safetensors|numpy|pillow|scikit-learn|tqdm|torchmetrics|scipy|matplotlib|transformers|peft|huggingface-hub|pytest)==' >&2

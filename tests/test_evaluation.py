@@ -272,6 +272,8 @@ def test_benchmark_writes_tables_and_plots_and_resumes(tmp_path, classifier_dir,
         assert row["non_sensitive_rate_mean"] == pytest.approx(np.mean(values))
         assert row["non_sensitive_rate_std"] == pytest.approx(np.std(values, ddof=1))
     assert "dropped_truly_sensitive" in results["cells"]["filter-seed0"]["filter"]
+    trained = results["cells"]["pu-seed1"]["training"]
+    assert trained["steps"] == 2 and trained["seconds"] > 0
     table = (out / "table.md").read_text()
     assert table.count("\n| ") == 3 and "| pu | 2 |" in table
     from PIL import Image
@@ -411,3 +413,17 @@ def test_the_model_card_tells_what_the_run_is_and_follows_its_evaluation(classif
     from diffusers import DDPMPipeline
 
     assert DDPMPipeline.from_pretrained(out / "pipeline").unet is not None
+
+
+def test_training_time_sums_the_log_ticks(tmp_path):
+    from pudm.benchmark import training_time
+
+    assert training_time(tmp_path) is None
+    rows = [
+        {"step": 50, "steps_per_second": 5.0, "loss": 1.0},
+        {"step": 100, "steps_per_second": 2.0},  # replaced by the resumed run's tick below
+        {"step": 100, "steps_per_second": 10.0},
+        {"step": 100, "eval": "no speed in this row"},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    assert training_time(tmp_path) == {"steps": 100, "seconds": 15.0, "steps_per_second": 6.67}

@@ -1,6 +1,7 @@
 """Image folders as users bring them: nested, mixed formats, sizes and modes, broken files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_mixed_sizes_modes_formats_and_subfolders(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     rgb = load_folder(tmp_path, 8, 3)
     assert rgb.images.shape == (5, 3, 8, 8) and rgb.images.dtype.is_floating_point is False
-    assert rgb.relative_names() == ["a.png", "d.webp", "e.gif", "sub/b.jpg", "sub/deeper/c.bmp"]
+    assert rgb.names == ["a.png", "d.webp", "e.gif", "sub/b.jpg", "sub/deeper/c.bmp"]
     assert rgb.skipped == []
     grey = load_folder(tmp_path, 8, 1)
     assert grey.images.shape == (5, 1, 8, 8)
@@ -63,8 +64,8 @@ def test_corrupt_files_are_skipped_or_stop_with_strict(tmp_path):
     truncated = _write(tmp_path / "cut.jpg", (64, 64), value=77, fmt="JPEG").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(truncated[: len(truncated) // 2])
     loaded = load_folder(tmp_path, 8, 3)
-    assert [p.name for p in loaded.files] == ["good.png"]
-    assert sorted(p.name for p, _ in loaded.skipped) == ["broken.png", "cut.jpg"]
+    assert [Path(n).name for n in loaded.names] == ["good.png"]
+    assert sorted(Path(p).name for p, _ in loaded.skipped) == ["broken.png", "cut.jpg"]
     with pytest.raises(ImageFolderError, match="broken.png.*drop --strict"):
         load_folder(tmp_path, 8, 3, strict=True)
 

@@ -266,7 +266,7 @@ def test_metadata_captions_and_corrupt_files(world, tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*base, "--out", str(out), *FAST, "--grid-size", "0"]) == 0
     err = capsys.readouterr().err
-    assert "skipped 1 unreadable image file" in err and "broken.png" in err
+    assert "skipped 1 unreadable image" in err and "broken.png" in err
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["data"]["captions"]) == 6 and summary["data"]["unlabeled"] == 6
     assert main([*base, "--out", str(tmp_path / "strict"), *FAST, "--strict"]) == 2

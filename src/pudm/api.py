@@ -302,7 +302,7 @@ def train_sd(
     skipped = data.skipped()
     if skipped and process_state().is_main_process:
         log.warning(
-            "skipped %d unreadable image file(s), e.g. %s (%s); --strict makes this an error",
+            "skipped %d unreadable image(s), e.g. %s (%s); --strict makes this an error",
             len(skipped),
             *skipped[0],
         )
@@ -548,20 +548,18 @@ def _folder_classifier(normal, sensitive, image_size, channels, strict, arch, fi
     import torch
 
     from pudm.classifier import train_classifier as fit_classifier
-    from pudm.imagefolder import load_folder
+    from pudm.readers import load_images
 
     if normal is None or sensitive is None:
         raise UsageError("a folder classifier needs both --normal DIR and --sensitive DIR")
     size = image_size or 64
-    normal = load_folder(Path(normal), size, channels, strict, "--normal")
-    sensitive = load_folder(Path(sensitive), size, channels, strict, "--sensitive")
-    for folder in (normal, sensitive):
-        if len(folder.files) < 5:
-            raise UsageError(
-                f"{folder.root} holds {len(folder.files)} readable images: a classifier needs >= 5"
-            )
+    normal = load_images(str(normal), size, channels, strict, "--normal")
+    sensitive = load_images(str(sensitive), size, channels, strict, "--sensitive")
+    for found in (normal, sensitive):
+        if len(found) < 5:
+            raise UsageError(f"{found.where} holds {len(found)} readable images: a classifier needs >= 5")
     images = torch.cat([normal.as_float(), sensitive.as_float()])
-    labels = torch.cat([torch.zeros(len(normal.files)), torch.ones(len(sensitive.files))]).long()
+    labels = torch.cat([torch.zeros(len(normal)), torch.ones(len(sensitive))]).long()
     return fit_classifier(
         images,
         labels,

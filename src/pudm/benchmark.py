@@ -14,6 +14,7 @@ reused, an interrupted run is resumed: re-running the same command picks up wher
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from collections.abc import Callable, Sequence
@@ -366,9 +367,29 @@ def _train_and_evaluate(cells, configs, out: Path, evaluate, show_progress: bool
         twin = out / "runs" / Cell(twin_method or cell.method, cell.seed).name
         if not from_twin(configs[cell.name], run_dir, twin):
             ensure_trained(configs[cell.name], run_dir, show_progress=show_progress)
-        evals[cell.name] = evaluate(run_dir)  # a filter run's eval.json holds its filter report
+        # a filter run's eval.json holds its filter report; the training time is its log's
+        evals[cell.name] = {**evaluate(run_dir), "training": training_time(run_dir)}
         _log_cell(log, evals[cell.name])
     return evals
+
+
+def training_time(run_dir: Path) -> dict | None:
+    """Seconds spent in training steps, from the log ticks of ``metrics.jsonl`` (steps over
+    steps/s, summed; checkpoint writes, start-up and sampling not counted), or None without ticks."""
+    ticks = {}
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("steps_per_second"):
+                ticks[int(row["step"])] = float(row["steps_per_second"])  # a resumed tick replaces
+    if not ticks:
+        return None
+    seconds, last = 0.0, 0
+    for step in sorted(ticks):
+        seconds += (step - last) / ticks[step]
+        last = step
+    return {"steps": last, "seconds": round(seconds, 1), "steps_per_second": round(last / seconds, 2)}
 
 
 def _judge(
@@ -408,7 +429,12 @@ def _judge_record(classifier: Classifier) -> dict:
 
 def _log_cell(log: Callable[[str], None], result: dict) -> None:
     rate, fid = result["non_sensitive_rate"], result["fid_classifier"]
-    log(f"    non-sensitive rate {rate:.3f}, {FID_CLASSIFIER} {fid:.2f}")
+    trained = result.get("training")
+    took = ""
+    if trained:
+        minutes, seconds = divmod(round(trained["seconds"]), 60)
+        took = f"; {trained['steps']} training steps in {minutes} min {seconds} s"
+    log(f"    non-sensitive rate {rate:.3f}, {FID_CLASSIFIER} {fid:.2f}{took}")
 
 
 def _write_results(out: Path, results: dict, classifier: Classifier, cells: list[Cell], evals: dict) -> None:

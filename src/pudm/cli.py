@@ -117,7 +117,12 @@ EVALUATE_OPTIONS = (
     ("--inception", FLAG, False, "also Inception FID (needs torch-fidelity)"),
     ("--inception-weights", Path, None, "local Inception-v3 weights file (offline)"),
     ("--prompt", str, None, "pudm sd runs: the prompt to judge (default: the run's)"),
-    ("--reference", Path, None, "pudm sd runs: folder of normal images for the classifier FID"),
+    (
+        "--reference",
+        Path,
+        None,
+        "pudm sd runs: normal images for the classifier FID (any form --unlabeled takes)",
+    ),
     ("--quiet", FLAG, False, "no progress bars"),
 )
 

@@ -15,7 +15,7 @@ from typing import Any
 from pudm import methods
 from pudm.datasets import SOURCES
 from pudm.errors import UsageError
-from pudm.flags import AUTO, beta_value  # noqa: F401  (AUTO: --beta auto, estimate it from U and S)
+from pudm.flags import AUTO, beta_value, data_source  # noqa: F401  (AUTO: --beta auto, estimate it from U and S)
 from pudm.objectives import CORRECTIONS
 
 # The training methods, by what the registry (pudm.methods) says of each.
@@ -92,19 +92,37 @@ class DataConfig:
         name="no_download",
         action="store_false",
     )
-    # source "folders": the user's image folders (U, S, and optionally normal test images).
+    # source "folders": the user's data (U, S, and optionally normal test images), each an image
+    # folder, Parquet file(s), a save_to_disk folder, WebDataset tar shards or a hub id.
     unlabeled_dir: str | None = flag(
         None,
-        "image folder of U (recursive; implies --preset folders)",
+        "U: an image folder, Parquet file(s), a save_to_disk folder, tar shards ('u-{000..127}.tar') "
+        "or a hub data set id (implies --preset folders)",
         group="data",
         name="unlabeled",
-        type=Path,
+        type=data_source,
     )
     sensitive_dir: str | None = flag(
-        None, "image folder of S, the labeled sensitive images", group="data", name="sensitive", type=Path
+        None,
+        "S, the labeled sensitive images (any form --unlabeled takes)",
+        group="data",
+        name="sensitive",
+        type=data_source,
     )
     test_dir: str | None = flag(
-        None, "image folder of normal test images (for FID; optional)", group="data", name="test", type=Path
+        None,
+        "normal test images, for FID (optional; any form --unlabeled takes)",
+        group="data",
+        name="test",
+        type=data_source,
+    )
+    image_column: str = flag(
+        "image", "the image column of tables (an extension such as jpg for tar shards)", group="data"
+    )
+    label_column: str | None = flag(
+        None,
+        "a column marking the labeled sensitive rows (1/true) of a table holding U and S",
+        group="data",
     )
     strict: bool = flag(False, "stop at an unreadable image file", group="data", action="store_true")
 
@@ -325,8 +343,11 @@ class RunConfig(StoredConfig):
         data, train, sample = self.data, self.train, self.sample
         if data.source not in SOURCES:
             raise UsageError(f"unknown data source {data.source!r}; choose one of {', '.join(SOURCES)}")
-        if data.source == "folders" and not (data.unlabeled_dir and data.sensitive_dir):
-            raise UsageError("image folders need both --unlabeled DIR and --sensitive DIR")
+        has_sensitive = data.sensitive_dir or data.label_column
+        if data.source == "folders" and not (data.unlabeled_dir and has_sensitive):
+            raise UsageError(
+                "your own data needs --unlabeled and --sensitive (or --label-column marking S in --unlabeled)"
+            )
         if self.model.num_classes < 0:
             raise UsageError(f"num_classes must be >= 0, got {self.model.num_classes}")
         validate_train(train, TRAIN_METHODS, self.model.num_train_timesteps)

@@ -509,26 +509,29 @@ def split_from_config(config, report=None):
 
 
 def folder_split(config, report=None):
-    """U, S and the optional normal test images from the user's folders (no hidden labels)."""
+    """U, S and the optional normal test images from the user's data (no hidden labels): image
+    folders, Parquet, save_to_disk folders, tar shards or hub ids (:mod:`pudm.readers`)."""
     from pudm.data import PUSplit
-    from pudm.imagefolder import load_folder
+    from pudm.readers import Columns, load_images, load_pu
 
     data = config.data
-    parts = {}
-    for name, folder in (
-        ("unlabeled", data.unlabeled_dir),
-        ("sensitive", data.sensitive_dir),
-        ("test", data.test_dir),
-    ):
-        if folder is None:
-            continue
-        loaded = load_folder(Path(folder), data.image_size, data.channels, data.strict, f"--{name}")
+    columns = Columns(image=data.image_column, label=data.label_column)
+    size, channels, strict = data.image_size, data.channels, data.strict
+    unlabeled, sensitive = load_pu(data.unlabeled_dir, data.sensitive_dir, size, channels, strict, columns)
+    parts = {"unlabeled": unlabeled, "sensitive": sensitive}
+    if data.test_dir is not None:
+        plain = Columns(data.image_column)
+        parts["test"] = load_images(data.test_dir, size, channels, strict, "--test", plain)
+    for name, loaded in parts.items():
         if loaded.skipped and report is not None:
             first, reason = loaded.skipped[0]
             report(
-                f"--{name}: skipped {len(loaded.skipped)} unreadable image file(s), e.g. {first} ({reason}); "
+                f"--{name}: skipped {len(loaded.skipped)} unreadable image(s), e.g. {first} ({reason}); "
                 "--strict makes this an error"
             )
-        parts[name] = loaded.as_float()
-    empty = torch.zeros((0, data.channels, data.image_size, data.image_size))
-    return PUSplit(unlabeled=parts["unlabeled"], sensitive=parts["sensitive"], test=parts.get("test", empty))
+    empty = torch.zeros((0, channels, size, size))
+    return PUSplit(
+        unlabeled=unlabeled.as_float(),
+        sensitive=sensitive.as_float(),
+        test=parts["test"].as_float() if "test" in parts else empty,
+    )

@@ -334,7 +334,7 @@ def evaluate_sd_run(
     Any pudm classifier judges the images, resized to its input size; the ones trained on two
     image folders (``pudm classifier train --normal DIR --sensitive DIR``) are the usual choice.
     """
-    from pudm.imagefolder import load_folder
+    from pudm.readers import load_images
     from pudm.sd import load_run_config
     from pudm.sd_pipeline import generate_sd, load_run_pipeline
 
@@ -348,7 +348,7 @@ def evaluate_sd_run(
     info = classifier.info
     reference_images = None
     if reference is not None:
-        folder = load_folder(reference, info.image_size, info.channels, flag="--reference")
+        folder = load_images(str(reference), info.image_size, info.channels, flag="--reference")
         reference_images = folder.images.permute(0, 2, 3, 1).numpy()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_run_pipeline(run_dir, device=device)

@@ -28,6 +28,12 @@ def beta_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--beta takes a number in [0, 1) or auto, got {text!r}") from None
 
 
+def data_source(text: str) -> str:
+    """``--unlabeled`` and the like: a folder, Parquet file(s), a save_to_disk folder, tar shards
+    (a brace pattern allowed) or a hub id (:mod:`pudm.readers`); made absolute when stored."""
+    return text
+
+
 def csv(kind, flag: str):
     """A comma-separated list of ``kind`` values."""
 
@@ -126,6 +132,10 @@ def given_fields(args: argparse.Namespace, flags: list[Flag]) -> dict[str, Any]:
 
 def _stored(flag: Flag, value: Any) -> Any:
     """A value as the config stores it: paths absolute (the run can be resumed from anywhere)."""
+    if flag.argparse.get("type") is data_source and isinstance(value, (str, Path)):
+        from pudm.readers import stored_spec
+
+        return stored_spec(value)
     if isinstance(value, Path) or (flag.argparse.get("type") is Path and isinstance(value, str)):
         return str(Path(value).resolve())
     if isinstance(value, list):

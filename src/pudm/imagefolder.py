@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pudm.errors import UsageError
+from pudm.readers import ImageSet
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 METADATA = "metadata.jsonl"
@@ -29,23 +29,6 @@ METADATA = "metadata.jsonl"
 
 class ImageFolderError(UsageError):
     """A folder that cannot be used; the message names the folder or file and the fix."""
-
-
-@dataclass
-class FolderImages:
-    """Images of one folder as uint8 (N, C, H, W), their files, and what was skipped."""
-
-    images: torch.Tensor
-    files: list[Path]
-    root: Path
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-    def as_float(self) -> torch.Tensor:
-        """float32 in [-1, 1], the range the diffusion models train in."""
-        return self.images.float() / 127.5 - 1.0
-
-    def relative_names(self) -> list[str]:
-        return [file.relative_to(self.root).as_posix() for file in self.files]
 
 
 def list_images(folder: Path, flag: str = "folder") -> list[Path]:
@@ -88,7 +71,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
 
 def load_folder(
     folder: Path, size: int, channels: int, strict: bool = False, flag: str = "folder"
-) -> FolderImages:
+) -> ImageSet:
     """Every image under ``folder`` at ``size`` x ``size`` with ``channels`` (1 or 3).
 
     Raises:
@@ -111,16 +94,22 @@ def load_folder(
                     f"{flag}: {path} is not a readable image ({reason}): remove it, or drop --strict "
                     "to skip such files"
                 ) from None
-            skipped.append((path, reason))
+            skipped.append((str(path), reason))
             continue
         files.append(path)
     if not arrays:
         raise ImageFolderError(
             f"{flag} {folder}: none of its {len(skipped)} image files could be read "
-            f"(first: {skipped[0][0].name}, {skipped[0][1]}): check the files"
+            f"(first: {Path(skipped[0][0]).name}, {skipped[0][1]}): check the files"
         )
-    images = torch.from_numpy(np.stack(arrays))
-    return FolderImages(images=images, files=files, root=folder, skipped=skipped)
+    return ImageSet(
+        images=torch.from_numpy(np.stack(arrays)),
+        names=[file.relative_to(folder).as_posix() for file in files],
+        where=str(folder),
+        kind="folder",
+        fingerprint=fingerprint(files, folder),
+        skipped=skipped,
+    )
 
 
 def read_captions(folder: Path, flag: str = "folder") -> dict[str, str]:

@@ -37,12 +37,14 @@ from pudm.config import (
     StoredConfig,
     TrainConfig,
     check_positive,
+    data_source,
     flag,
     section_from_dict,
     validate_train,
 )
 from pudm.errors import UsageError
-from pudm.imagefolder import FolderImages, fingerprint, load_folder, read_captions
+from pudm.imagefolder import read_captions
+from pudm.readers import Columns, ImageSet, load_pu
 
 SD_KIND = "sd"
 # The methods offered on latents. filter, weighted and reject need an S-vs-U image classifier,
@@ -61,9 +63,25 @@ class SDError(UsageError):
 class SDDataConfig:
     """The two image folders, their prompts and the training resolution."""
 
-    unlabeled: str = flag("", "folder of unlabeled images U (recursive)", group="data", type=Path)
+    unlabeled: str = flag(
+        "",
+        "U: an image folder, Parquet file(s), a save_to_disk folder, tar shards or a hub data set id",
+        group="data",
+        type=data_source,
+    )
     sensitive: str | None = flag(
-        None, "folder of labeled sensitive images S (recursive)", group="data", type=Path
+        None, "S, the labeled sensitive images (any form --unlabeled takes)", group="data", type=data_source
+    )
+    image_column: str = flag(
+        "image", "the image column of tables (an extension such as jpg for tar shards)", group="data"
+    )
+    caption_column: str | None = flag(
+        None, "the caption column of tables (default text; txt in tar shards)", group="data"
+    )
+    label_column: str | None = flag(
+        None,
+        "a column marking the labeled sensitive rows (1/true) of a table holding U and S",
+        group="data",
     )
     # The caption of every image that metadata.jsonl does not caption.
     unlabeled_prompt: str | None = flag(
@@ -185,9 +203,12 @@ class SDRunConfig(StoredConfig):
         if not model.pretrained:
             raise SDError("--pretrained is required: a local Stable Diffusion folder or a hub id")
         if not data.unlabeled:
-            raise SDError("--unlabeled is required: a folder of images")
-        if methods.get(train.method).uses_sensitive and not data.sensitive:
-            raise SDError(f"method {train.method} needs --sensitive DIR (the labeled sensitive images)")
+            raise SDError("--unlabeled is required: a folder of images, Parquet, tar shards or a hub id")
+        if methods.get(train.method).uses_sensitive and not (data.sensitive or data.label_column):
+            raise SDError(
+                f"method {train.method} needs --sensitive (the labeled sensitive images), or "
+                "--label-column marking them in --unlabeled"
+            )
         positive = {"--resolution": data.resolution, "--sample-steps": sample.steps}
         check_positive(positive, SDError)
         if data.resolution % 8:
@@ -227,8 +248,8 @@ def load_run_config(run_dir: Path) -> SDRunConfig:
 class TextImageData:
     """U and S as uint8 pixels with a caption each (an index into ``captions``)."""
 
-    unlabeled: FolderImages
-    sensitive: FolderImages | None
+    unlabeled: ImageSet
+    sensitive: ImageSet | None
     captions: list[str]
     unlabeled_caption: torch.Tensor
     sensitive_caption: torch.Tensor
@@ -238,26 +259,31 @@ class TextImageData:
 
     @property
     def num_unlabeled(self) -> int:
-        return len(self.unlabeled.files)
+        return len(self.unlabeled)
 
     @property
     def num_sensitive(self) -> int:
-        return len(self.sensitive.files) if self.sensitive is not None else 0
+        return len(self.sensitive) if self.sensitive is not None else 0
 
     def skipped(self) -> list[tuple[Path, str]]:
         return self.unlabeled.skipped + (self.sensitive.skipped if self.sensitive else [])
 
 
-def _captioned(images: FolderImages, prompt: str | None, flag: str, captions: list[str]) -> torch.Tensor:
-    given = read_captions(images.root, flag)
+def _captioned(images: ImageSet, prompt: str | None, flag: str, captions: list[str]) -> torch.Tensor:
+    if images.kind == "folder":
+        given = read_captions(Path(images.where), flag)
+    else:
+        given = {name: text for name, text in zip(images.names, images.captions or [], strict=False) if text}
+    fix = (
+        'a metadata.jsonl line {"file_name": ..., "text": ...}'
+        if images.kind == "folder"
+        else "a caption (--caption-column)"
+    )
     index = []
-    for name in images.relative_names():
+    for name in images.names:
         text = given.get(name, prompt)
         if text is None:
-            raise SDError(
-                f"{flag}: {name} has no caption: give {flag}-prompt TEXT or a metadata.jsonl line "
-                '{"file_name": ..., "text": ...} for it'
-            )
+            raise SDError(f"{flag}: {name} has no caption: give {flag}-prompt TEXT or {fix} for it")
         if text not in captions:
             captions.append(text)
         index.append(captions.index(text))
@@ -265,11 +291,13 @@ def _captioned(images: FolderImages, prompt: str | None, flag: str, captions: li
 
 
 def load_text_images(data: SDDataConfig, need_sensitive: bool) -> TextImageData:
-    """Read both folders at the training resolution (RGB) and attach a caption to every image."""
-    unlabeled = load_folder(Path(data.unlabeled), data.resolution, 3, data.strict, "--unlabeled")
-    sensitive = None
-    if need_sensitive:
-        sensitive = load_folder(Path(data.sensitive), data.resolution, 3, data.strict, "--sensitive")
+    """Read U and S at the training resolution (RGB) and attach a caption to every image."""
+    columns = Columns(data.image_column, data.caption_column, data.label_column)
+    unlabeled, sensitive = load_pu(
+        data.unlabeled, data.sensitive, data.resolution, 3, data.strict, columns, need_sensitive
+    )
+    if not need_sensitive:
+        sensitive = None
     captions: list[str] = []
     unlabeled_caption = _captioned(unlabeled, data.unlabeled_prompt, "--unlabeled", captions)
     sensitive_caption = torch.zeros(0, dtype=torch.long)
@@ -279,9 +307,9 @@ def load_text_images(data: SDDataConfig, need_sensitive: bool) -> TextImageData:
 
 
 def data_fingerprints(data: TextImageData) -> dict[str, str]:
-    found = {"unlabeled": fingerprint(data.unlabeled.files, data.unlabeled.root)}
+    found = {"unlabeled": data.unlabeled.fingerprint}
     if data.sensitive is not None:
-        found["sensitive"] = fingerprint(data.sensitive.files, data.sensitive.root)
+        found["sensitive"] = data.sensitive.fingerprint
     return found
 
 

@@ -43,8 +43,8 @@ class LatentTask:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "unlabeled": len(self.data.unlabeled.files),
-            "sensitive": len(self.data.sensitive.files) if self.data.sensitive else 0,
+            "unlabeled": len(self.data.unlabeled),
+            "sensitive": len(self.data.sensitive) if self.data.sensitive else 0,
             "captions": self.data.captions,
             "skipped_files": [str(path) for path, _ in self.data.skipped()],
         }

@@ -24,6 +24,7 @@ from pudm import flags, methods, runs
 from pudm.config import AUTO, SECTIONS, RunConfig, default_steps
 from pudm.config import preset as _config_preset
 from pudm.errors import UsageError
+from pudm.readers import stored_spec
 
 PathLike = str | Path
 
@@ -286,7 +287,9 @@ def _read_config_file(path: Path) -> tuple[RunConfig, Sources]:
             raise UsageError(f"{where}: {section} must be a table ([{section}]), got {given!r}")
         for key, value in given.items():
             value = _checked_value(where, section, kind, key, value)
-            if isinstance(value, str) and key in _PATH_FIELDS.get(section, ()):
+            if isinstance(value, str) and key in _SOURCE_FIELDS.get(section, ()):
+                value = stored_spec(value, path.parent)
+            elif isinstance(value, str) and key in _PATH_FIELDS.get(section, ()):
                 relative = path.parent / value
                 value = str(relative.resolve()) if key != "pretrained" or relative.exists() else value
             stored[section][key] = value
@@ -295,7 +298,9 @@ def _read_config_file(path: Path) -> tuple[RunConfig, Sources]:
 
 
 # The fields of a config file that hold paths, resolved against the file's folder.
-_PATH_FIELDS = {"data": ("data_dir", "unlabeled_dir", "sensitive_dir", "test_dir"), "model": ("pretrained",)}
+_PATH_FIELDS = {"data": ("data_dir",), "model": ("pretrained",)}
+# Data sources (a folder, Parquet, tar shards, or a hub id that stays as it is).
+_SOURCE_FIELDS = {"data": ("unlabeled_dir", "sensitive_dir", "test_dir")}
 
 
 def config_file_error(path: PathLike, error: UsageError, given: dict | None = None) -> UsageError:
