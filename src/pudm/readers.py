@@ -347,15 +347,16 @@ def _hub_tables(spec: str, columns: Columns, flag: str) -> Iterator[tuple[str, P
         import datasets
     except ImportError:
         raise DataSourceError(
-            f"{flag} {spec} is not a local path; as a Hugging Face hub data set it needs the datasets "
-            "package: pip install datasets (or give a local folder, Parquet file or tar shards)"
+            f"{flag} {spec} is no file or folder here, and reading it as a Hugging Face hub data set "
+            "needs the datasets package: check the path, or pip install datasets"
         ) from None
     try:
         loaded = datasets.load_dataset(spec, split="train")
     except Exception as error:  # noqa: BLE001 - network, missing data set, gated access
         raise DataSourceError(
-            f"{flag} {spec}: the hub data set could not be loaded ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:100] if str(error) else ''}): check the id and the network"
+            f"{flag} {spec} is no file or folder here, and as a hub data set it could not be loaded "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:100] if str(error) else ''}): "
+            "check the path, the id and the network"
         ) from None
     yield spec, Path.cwd(), loaded.with_format("arrow")[:]
 
