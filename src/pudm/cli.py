@@ -92,8 +92,13 @@ CLASSIFIER_OPTIONS = (
     ("--seed", int, 0, "seed (default 0)"),
     ("--image-size", int, None, "the runs' image size (default: the preset's)"),
     ("--weights", Path, None, "ResNet: start from these ImageNet weights (a local state dict file)"),
-    ("--normal", Path, None, "folder of normal images (with --sensitive: a two-class folder classifier)"),
-    ("--sensitive", Path, None, "folder of sensitive images"),
+    (
+        "--normal",
+        flags.data_source,
+        None,
+        "normal images, any form --unlabeled takes (with --sensitive: a two-class classifier)",
+    ),
+    ("--sensitive", flags.data_source, None, "sensitive images (a folder, Parquet, shards, ...)"),
     ("--channels", (1, 3), 3, "folders: grey (1) or RGB (3, default)", {"type": int}),
     ("--strict", FLAG, False, "folders: stop at an unreadable file"),
     ("--data-dir", Path, None, "paper presets: where the data set's files are"),
@@ -282,7 +287,7 @@ def command_estimate_prior(args: argparse.Namespace) -> int:
         print(json.dumps({key: getattr(estimate, key) for key in keys}))
         return 0
     print(f"{describe(estimate)}; U {estimate.num_unlabeled}, S {estimate.num_sensitive}")
-    true_beta = split_from_config(config).summary()["true_beta"]
+    true_beta = None if config.data.source == "folders" else split_from_config(config).summary()["true_beta"]
     if true_beta is not None:
         print(f"(the hidden truth of this labeled split: {true_beta:.3f})")
     return 0

@@ -32,6 +32,7 @@ import io
 import json
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,21 +108,51 @@ def _digest(parts) -> str:
     return digest.hexdigest()[:16]
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """``u-{000..003}.tar`` -> u-000.tar .. u-003.tar (zero padding kept); ``{a,b}`` lists too."""
-    found = BRACE.search(pattern)
-    if found is None:
+def expand_braces(pattern: str, limit: int = 1_000_000) -> list[str]:
+    """``u-{000..003}.tar`` -> u-000.tar .. u-003.tar (zero padding kept, as the shell does);
+    ``{a,b}`` lists, nested ones too. Braces without a range or a comma are refused."""
+    open_at = pattern.find("{")
+    if open_at < 0:
         return [pattern]
-    body, head, tail = found.group(1), pattern[: found.start()], pattern[found.end() :]
+    depth, close_at, commas = 0, -1, []
+    for index in range(open_at, len(pattern)):
+        char = pattern[index]
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 1:
+            commas.append(index)
+        if depth == 0:
+            close_at = index
+            break
+    if close_at < 0:
+        raise DataSourceError(f"{pattern}: a brace is not closed")
+    body, head, tail = pattern[open_at + 1 : close_at], pattern[:open_at], pattern[close_at + 1 :]
     numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if numeric:
         first, last = numeric.groups()
-        width = len(first) if first.startswith("0") else 0
+        padded = first.startswith("0") or last.startswith("0")
+        width = max(len(first), len(last)) if padded else 0
         step = 1 if int(last) >= int(first) else -1
         options = [str(i).zfill(width) for i in range(int(first), int(last) + step, step)]
+    elif commas:
+        bounds = [open_at, *commas, close_at]
+        options = [pattern[bounds[i] + 1 : bounds[i + 1]] for i in range(len(bounds) - 1)]
     else:
-        options = body.split(",")
-    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+        raise DataSourceError(f"{pattern}: {{{body}}} is neither a range (000..127) nor a list (a,b)")
+    if len(options) > limit:
+        raise DataSourceError(f"{pattern}: expands to more than {limit} names")
+    return [expanded for option in options for expanded in expand_braces(head + option + tail, limit)]
+
+
+DATA_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".tgz", ".arrow")
+
+
+def _is_hub_id(text: str, base: Path) -> bool:
+    """``owner/name``, naming no data file and no folder that exists here."""
+    return (
+        HUB_ID.match(text) is not None
+        and not text.endswith(DATA_SUFFIXES)
+        and not (base / text.split("/")[0]).exists()
+    )
 
 
 def stored_spec(value: str | Path, base: Path | None = None) -> str:
@@ -132,7 +163,7 @@ def stored_spec(value: str | Path, base: Path | None = None) -> str:
     if not path.is_absolute():
         path = (base or Path.cwd()) / path
     exists = any(Path(p).exists() for p in expand_braces(str(path)))
-    if not exists and HUB_ID.match(text):
+    if not exists and _is_hub_id(text, base or Path.cwd()):
         return text
     return str(path.resolve()) if "{" not in text else str(Path(path.parent.resolve(), path.name))
 
@@ -140,6 +171,13 @@ def stored_spec(value: str | Path, base: Path | None = None) -> str:
 def kind_of(spec: str, flag: str = "--unlabeled") -> str:
     """``folder``, ``parquet``, ``arrow``, ``tar`` or ``hub``: what ``spec`` is."""
     text = str(spec)
+    try:
+        return _kind_of(text, flag)
+    except OSError as error:  # a name too long, a path through a file
+        raise DataSourceError(f"{flag} {text[:200]} cannot be used as a path ({error.strerror})") from None
+
+
+def _kind_of(text: str, flag: str) -> str:
     paths = [Path(p) for p in expand_braces(text)]
     if len(paths) > 1 or "{" in text:
         suffixes = {p.name.split(".", 1)[-1] for p in paths}
@@ -167,15 +205,16 @@ def kind_of(spec: str, flag: str = "--unlabeled") -> str:
         if any(path.glob("*.parquet")) and not any(_has_images(path)):
             return "parquet"
         return "folder"
-    if HUB_ID.match(text):
+    if _is_hub_id(text, Path.cwd()):
         return "hub"
     raise DataSourceError(f"{flag} {text} does not exist: check the path")
 
 
 def _has_images(folder: Path) -> Iterator[Path]:
+    """Image files at the top of ``folder`` (a Parquet folder with a preview image stays Parquet)."""
     from pudm.imagefolder import IMAGE_EXTENSIONS
 
-    return (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def load_images(
@@ -296,7 +335,7 @@ def _parquet_tables(spec: str, columns: Columns, flag: str) -> Iterator[tuple[st
 
     paths = [Path(p) for p in expand_braces(spec)]
     if len(paths) == 1 and paths[0].is_dir():
-        paths = sorted(paths[0].rglob("*.parquet"))
+        paths = sorted(paths[0].glob("*.parquet"))
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataSourceError(f"{flag}: {missing[0]} does not exist ({len(missing)} of {len(paths)} missing)")
@@ -314,18 +353,15 @@ def _parquet_tables(spec: str, columns: Columns, flag: str) -> Iterator[tuple[st
 def _arrow_tables(folder: Path, columns: Columns, flag: str) -> Iterator[tuple[str, Path, object]]:
     """The Arrow files of a ``datasets`` save_to_disk folder (a DatasetDict: its train split)."""
     pyarrow = _require_pyarrow(flag)
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
-        if "train" not in splits:
-            raise DataSourceError(
-                f"{flag} {folder} is a DatasetDict without a train split ({', '.join(splits)}): "
-                "give the folder of one split, e.g. " + str(folder / (splits[0] if splits else "SPLIT"))
-            )
-        folder = folder / "train"
-    state = json.loads((folder / "state.json").read_text())
-    files = [entry["filename"] for entry in state.get("_data_files", [])]
-    if not files:
-        raise DataSourceError(f"{flag} {folder}/state.json lists no data files: save the data set again")
+    try:
+        files, folder = _arrow_files(folder, flag)
+    except DataSourceError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise DataSourceError(
+            f"{flag} {folder} is not a readable save_to_disk folder ({type(error).__name__}: "
+            f"{str(error)[:100]}): save the data set again"
+        ) from None
     for name in files:
         path = folder / name
         try:
@@ -340,6 +376,22 @@ def _arrow_tables(folder: Path, columns: Columns, flag: str) -> Iterator[tuple[s
                 "save the data set again"
             ) from None
         yield name, folder, table
+
+
+def _arrow_files(folder: Path, flag: str) -> tuple[list[str], Path]:
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise DataSourceError(
+                f"{flag} {folder} is a DatasetDict without a train split ({', '.join(splits)}): "
+                "give the folder of one split, e.g. " + str(folder / (splits[0] if splits else "SPLIT"))
+            )
+        folder = folder / "train"
+    state = json.loads((folder / "state.json").read_text())
+    files = [entry["filename"] for entry in state.get("_data_files", [])]
+    if not files:
+        raise DataSourceError(f"{flag} {folder}/state.json lists no data files: save the data set again")
+    return files, folder
 
 
 def _hub_tables(spec: str, columns: Columns, flag: str) -> Iterator[tuple[str, Path, object]]:
@@ -375,6 +427,7 @@ def _table_items(tables, columns: Columns, flag: str) -> Iterator[_Item]:
                     f"{flag}: {name} has no column {column!r} (its columns: {', '.join(names)}): "
                     f"give --{role}-column NAME"
                 )
+        _check_image_type(table.schema.field(columns.image), name, flag)
         images = table.column(columns.image).to_pylist()
         blank = [None] * len(images)
         captions = table.column(wanted["caption"]).to_pylist() if "caption" in wanted else blank
@@ -382,6 +435,28 @@ def _table_items(tables, columns: Columns, flag: str) -> Iterator[_Item]:
         for row, (value, caption, label) in enumerate(zip(images, captions, labels, strict=True)):
             image, key = _image_value(value, base)
             yield _Item(f"{name}:{row}", image, caption, label, f"{name}:{row}:{key}")
+
+
+def _check_image_type(column, name: str, flag: str) -> None:
+    """An image column holds datasets' ``{bytes, path}`` struct, raw bytes or paths."""
+    import pyarrow
+
+    kind = column.type
+    ok = (
+        pyarrow.types.is_binary(kind)
+        or pyarrow.types.is_large_binary(kind)
+        or pyarrow.types.is_string(kind)
+        or pyarrow.types.is_large_string(kind)
+        or (
+            pyarrow.types.is_struct(kind)
+            and {"bytes", "path"} & {kind.field(i).name for i in range(kind.num_fields)}
+        )
+    )
+    if not ok:
+        raise DataSourceError(
+            f"{flag}: column {column.name!r} of {name} holds {kind}, not images (bytes, paths or "
+            "datasets' {bytes, path}): give --image-column NAME"
+        )
 
 
 def _image_value(value, base: Path) -> tuple[bytes | Path | None, str]:
@@ -395,8 +470,11 @@ def _image_value(value, base: Path) -> tuple[bytes | Path | None, str]:
         return bytes(value), hashlib.sha256(value).hexdigest()[:16]
     if isinstance(value, str):
         path = Path(value) if Path(value).is_absolute() else base / value
-        size = path.stat().st_size if path.is_file() else -1
-        return path, f"{value}:{size}"
+        try:
+            stat = path.stat()
+            return path, f"{value}:{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:  # missing, or no path at all (a too long string): skipped when decoded
+            return path, f"{value}:-1"
     return None, "none"
 
 
@@ -435,8 +513,8 @@ def _tar_items(spec: str, columns: Columns, flag: str) -> Iterator[_Item]:
             yield _Item(
                 f"{path.name}:{key}",
                 image,
-                caption.decode("utf-8").strip() if caption is not None else None,
-                label.decode("utf-8").strip() if label is not None else None,
+                caption.decode("utf-8", "replace").strip() if caption is not None else None,
+                label.decode("utf-8", "replace").strip() if label is not None else None,
                 f"{path.name}:{key}:{digest}",
             )
 
@@ -448,7 +526,7 @@ def _tar_samples(path: Path, flag: str) -> Iterator[tuple[str, dict[str, bytes]]
         archive = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as error:
         raise DataSourceError(f"{flag}: {path} cannot be read as a tar shard ({error}): replace it") from None
-    key, members = None, {}
+    key, members, seen = None, {}, set()
     with archive:
         try:
             for member in archive:
@@ -462,9 +540,17 @@ def _tar_samples(path: Path, flag: str) -> Iterator[tuple[str, dict[str, bytes]]
                 if this != key and key is not None:
                     yield key, members
                     members = {}
+                if this != key and this in seen:
+                    raise DataSourceError(
+                        f"{flag}: {path} holds sample {this} twice, apart: a shard keeps a sample's "
+                        "members together (write it again)"
+                    )
+                seen.add(this)
                 key = this
+                if ext.lower() in members:
+                    raise DataSourceError(f"{flag}: {path} holds {this}.{ext} twice: write the shard again")
                 members[ext.lower()] = archive.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as error:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
             raise DataSourceError(f"{flag}: {path} is truncated or damaged ({error}): replace it") from None
     if key is not None:
         yield key, members
@@ -487,6 +573,8 @@ def load_pu(
     columns = columns or Columns()
     found_u = load_images(unlabeled, size, channels, strict, "--unlabeled", columns)
     found_s = None
+    if found_u.marked is not None and sensitive is not None:
+        raise DataSourceError("--label-column marks S inside --unlabeled: give it or --sensitive, not both")
     if found_u.marked is not None:
         marked = np.asarray(found_u.marked)
         if sensitive is None:

@@ -265,23 +265,21 @@ class TextImageData:
     def num_sensitive(self) -> int:
         return len(self.sensitive) if self.sensitive is not None else 0
 
-    def skipped(self) -> list[tuple[Path, str]]:
+    def skipped(self) -> list[tuple[str, str]]:
         return self.unlabeled.skipped + (self.sensitive.skipped if self.sensitive else [])
 
 
 def _captioned(images: ImageSet, prompt: str | None, flag: str, captions: list[str]) -> torch.Tensor:
     if images.kind == "folder":
         given = read_captions(Path(images.where), flag)
-    else:
-        given = {name: text for name, text in zip(images.names, images.captions or [], strict=False) if text}
-    fix = (
-        'a metadata.jsonl line {"file_name": ..., "text": ...}'
-        if images.kind == "folder"
-        else "a caption (--caption-column)"
-    )
+        found = [given.get(name) for name in images.names]
+        fix = 'a metadata.jsonl line {"file_name": ..., "text": ...}'
+    else:  # tables and shards: each item's own caption, by position
+        found = list(images.captions or [None] * len(images))
+        fix = "a caption (--caption-column)"
     index = []
-    for name in images.names:
-        text = given.get(name, prompt)
+    for name, text in zip(images.names, found, strict=True):
+        text = text or prompt
         if text is None:
             raise SDError(f"{flag}: {name} has no caption: give {flag}-prompt TEXT or {fix} for it")
         if text not in captions:

@@ -112,7 +112,7 @@ def resolve(
     folders = [key for key in ("unlabeled", "sensitive", "test") if settings.get(key) is not None]
     if folders and config.data.source != "folders":
         raise UsageError(
-            f"--{folders[0]} gives image folders, and preset {config.preset} brings its own data: "
+            f"--{folders[0]} gives your own data, and preset {config.preset} brings its own data: "
             "drop --preset (or use --preset folders)"
         )
     if settings.get("beta") is not None:
