@@ -2,7 +2,9 @@
 
 A model that generated exactly the hidden-normal part of U would score about the "U normal" row;
 one that reproduced the contaminated U, about the "U" row. Prints one JSON line per measure:
-FID (classifier features) and the Frechet distance in pixel space.
+FID (classifier features) and the Frechet distance in pixel space; and the judge's non-sensitive
+rate on each real set, the normal test split included (a model that drew only real normal images
+would score the test split's rate: the ceiling this judge allows).
 
     python benchmarks/fid_floor.py --classifier runs/benchmark/classifier [--preset digits_even]
     python benchmarks/fid_floor.py --classifier runs/fashion/classifier --preset fashion_shirt --data-dir DIR
@@ -43,6 +45,18 @@ def main() -> None:
         "U (as trained on)": split.unlabeled,
         "S": split.sensitive,
     }
+    rates = {"normal test split": split.test, **sets}
+    print(
+        json.dumps(
+            {
+                "measure": "non-sensitive rate (judge)",
+                **{
+                    n: round(float(classifier.is_normal(classifier.predict(to_uint8(i))).mean()), 3)
+                    for n, i in rates.items()
+                },
+            }
+        )
+    )
     for measure, distance in (
         ("FID (classifier features)", lambda images: classifier_fid(classifier, reference, images)),
         ("Frechet distance (pixels)", lambda images: pixel_fid(reference, images)),
