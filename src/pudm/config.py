@@ -556,15 +556,28 @@ def _fashion(preset_name: str, sensitive_classes: tuple[int, ...]) -> RunConfig:
     measurement (benchmarks/README.md, "Fashion-MNIST"). ``--image-size 28`` or ``32`` for GPU runs.
     """
     normal = tuple(c for c in range(10) if c not in sensitive_classes)
+    return _grey16(preset_name, "fashion_mnist", normal, (2700, 270, 300), 2000)
+
+
+def _grey16(
+    preset_name: str,
+    source: str,
+    normal_classes: tuple[int, ...],
+    counts: tuple[int, int, int],
+    num_test: int,
+) -> RunConfig:
+    """The two-CPU-core settings of the Fashion-MNIST and MNIST 5k presets: 16 px grey, the small
+    UNet, v-prediction, batch 64, 2,000 steps; ``counts`` = U normal, U sensitive, S."""
+    unlabeled_normal, unlabeled_sensitive, sensitive = counts
     return RunConfig(
         preset=preset_name,
         data=DataConfig(
-            source="fashion_mnist",
-            normal_classes=normal,
-            num_unlabeled_normal=2700,
-            num_unlabeled_sensitive=270,
-            num_sensitive=300,
-            num_test=2000,
+            source=source,
+            normal_classes=normal_classes,
+            num_unlabeled_normal=unlabeled_normal,
+            num_unlabeled_sensitive=unlabeled_sensitive,
+            num_sensitive=sensitive,
+            num_test=num_test,
             image_size=16,
             channels=1,
         ),
@@ -591,22 +604,7 @@ def _mnist_5k(preset_name: str, normal_classes: tuple[int, ...]) -> RunConfig:
     MNIST_even/odd shape, sized for two CPU cores as the Fashion-MNIST presets: 16 px grey, the
     small UNet, v-prediction, batch 64, 2,000 steps (67 epochs over U and S). The same data at the
     paper's settings is the preset of the same name ending in ``_paper``."""
-    unlabeled_normal, unlabeled_sensitive, sensitive = MNIST_5K_COUNTS
-    return RunConfig(
-        preset=preset_name,
-        data=DataConfig(
-            source="mnist_5k",
-            normal_classes=normal_classes,
-            num_unlabeled_normal=unlabeled_normal,
-            num_unlabeled_sensitive=unlabeled_sensitive,
-            num_sensitive=sensitive,
-            num_test=MNIST_5K_TEST,
-            image_size=16,
-            channels=1,
-        ),
-        model=ModelConfig(prediction_type="v_prediction"),
-        train=TrainConfig(steps=2000, batch_size=64, warmup_steps=100),
-    )
+    return _grey16(preset_name, "mnist_5k", normal_classes, MNIST_5K_COUNTS, MNIST_5K_TEST)
 
 
 MNIST_5K_PRESETS = {

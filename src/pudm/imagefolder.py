@@ -69,6 +69,26 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
+def read_or_skip(
+    source, name: str, size: int, channels: int, strict: bool, flag: str, skipped: list, what: str
+) -> np.ndarray | None:
+    """:func:`load_image` of ``source`` (a path or a file object; None: no image), or None after
+    adding ``(name, reason)`` to ``skipped``; with ``strict``, an unreadable image stops the load."""
+    try:
+        if source is None:
+            raise ValueError("no image in this row")
+        return load_image(source, size, channels)
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:120]
+        if strict:
+            raise ImageFolderError(
+                f"{flag}: {name} is not a readable image ({reason}): remove it, or drop --strict "
+                f"to skip such {what}"
+            ) from None
+        skipped.append((name, reason))
+        return None
+
+
 def load_folder(
     folder: Path, size: int, channels: int, strict: bool = False, flag: str = "folder"
 ) -> ImageSet:
@@ -85,18 +105,10 @@ def load_folder(
     folder = Path(folder)
     arrays, files, skipped = [], [], []
     for path in list_images(folder, flag):
-        try:
-            arrays.append(load_image(path, size, channels))
-        except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:120]
-            if strict:
-                raise ImageFolderError(
-                    f"{flag}: {path} is not a readable image ({reason}): remove it, or drop --strict "
-                    "to skip such files"
-                ) from None
-            skipped.append((str(path), reason))
-            continue
-        files.append(path)
+        array = read_or_skip(path, str(path), size, channels, strict, flag, skipped, "files")
+        if array is not None:
+            arrays.append(array)
+            files.append(path)
     if not arrays:
         raise ImageFolderError(
             f"{flag} {folder}: none of its {len(skipped)} image files could be read "

@@ -258,27 +258,18 @@ class _Item:
 
 
 def _decode(items, where: str, kind: str, size: int, channels: int, strict: bool, flag: str) -> ImageSet:
-    from pudm.imagefolder import ImageFolderError, load_image
+    from pudm.imagefolder import ImageFolderError, read_or_skip
 
     if channels not in (1, 3):
         raise ImageFolderError(f"--channels must be 1 (grey) or 3 (RGB), got {channels}")
     arrays, names, captions, labels, skipped, keys = [], [], [], [], [], []
     for item in items:
         keys.append(item.size_key)
-        try:
-            if item.image is None:
-                raise ValueError("no image in this row")
-            source = io.BytesIO(item.image) if isinstance(item.image, bytes) else item.image
-            arrays.append(load_image(source, size, channels))
-        except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
-            reason = f"{type(error).__name__}: {error}".splitlines()[0][:120]
-            if strict:
-                raise ImageFolderError(
-                    f"{flag}: {item.name} is not a readable image ({reason}): remove it, or drop --strict "
-                    "to skip such items"
-                ) from None
-            skipped.append((item.name, reason))
+        source = io.BytesIO(item.image) if isinstance(item.image, bytes) else item.image
+        array = read_or_skip(source, item.name, size, channels, strict, flag, skipped, "items")
+        if array is None:
             continue
+        arrays.append(array)
         names.append(item.name)
         captions.append(item.caption)
         labels.append(item.label)
