@@ -304,6 +304,25 @@ def test_benchmark_writes_tables_and_plots_and_resumes(tmp_path, classifier_dir,
     assert main(args) == 0
     assert json.loads(stale.read_text())["sampling_seeds"] != "older"
 
+    # A fresh clone holds results.json, not the runs: a cell with no run folder is taken from
+    # results.json when it records the same config and evaluation, and the grids drawn from the
+    # missing run are kept, not redrawn with a hole.
+    import shutil
+
+    recorded = json.loads((out / "results.json").read_text())
+    grids = (out / "grids.png").read_bytes()
+    shutil.rmtree(out / "runs" / "unsupervised-seed0")
+    assert main(args) == 0
+    assert not (out / "runs" / "unsupervised-seed0").exists()
+    again = json.loads((out / "results.json").read_text())
+    assert again["cells"] == recorded["cells"] and again["summary"] == recorded["summary"]
+    assert (out / "grids.png").read_bytes() == grids
+    # A recorded config that is not the cell's own is trained again.
+    recorded["cells"]["unsupervised-seed0"]["config"]["train"]["learning_rate"] *= 2
+    (out / "results.json").write_text(json.dumps(recorded))
+    assert main(args) == 0
+    assert (out / "runs" / "unsupervised-seed0" / "eval.json").is_file()
+
 
 def test_benchmark_beta_sweep_and_bad_input(tmp_path, classifier_dir, capsys):
     out = tmp_path / "sweep"

@@ -10,6 +10,8 @@ Layout of a benchmark folder::
 
 A cell whose run finished and whose eval.json was made with the same evaluation settings is
 reused, an interrupted run is resumed: re-running the same command picks up where it stopped.
+A cell with no run folder (a fresh clone holds results.json, not the runs) is reused from
+results.json when it records the same config and the same evaluation settings and judge.
 """
 
 from __future__ import annotations
@@ -331,7 +333,8 @@ def run_benchmark(
         log(f"[before] {pretrained}")
         before = evaluate(Path(pretrained))
         _log_cell(log, before)
-    evals = _train_and_evaluate(cells, configs, out, evaluate, show_progress, log)
+    recorded = recorded_cells(out, settings)
+    evals = _train_and_evaluate(cells, configs, out, evaluate, show_progress, log, recorded)
     rows = summarise(cells, evals)
     if before is not None:
         rows.insert(0, _before_row(before))
@@ -346,7 +349,13 @@ def run_benchmark(
         "classifier": _judge_record(classifier),
         "summary": rows,
         "cells": {
-            cell.name: {"method": cell.method, "seed": cell.seed, "beta": cell.beta, **evals[cell.name]}
+            cell.name: {
+                "method": cell.method,
+                "seed": cell.seed,
+                "beta": cell.beta,
+                "config": configs[cell.name].to_dict(),
+                **evals[cell.name],
+            }
             for cell in cells
         },
     }
@@ -354,13 +363,51 @@ def run_benchmark(
     return results
 
 
-def _train_and_evaluate(cells, configs, out: Path, evaluate, show_progress: bool, log) -> dict[str, dict]:
+def recorded_cells(out: Path, settings: dict) -> dict[str, dict]:
+    """The cells of ``OUT/results.json`` evaluated with ``settings`` (samples, sampler, steps,
+    seeds and the judge's fingerprint) and recorded with their config; ``{}`` when there is none."""
+    path = Path(out) / RESULTS
+    if not path.is_file():
+        return {}
+    stored = runs.read_json(path)
+    same = all(stored.get(key) == value for key, value in settings.items() if key != "fingerprint")
+    if not same or stored.get("classifier", {}).get("fingerprint") != settings["fingerprint"]:
+        return {}
+    return {
+        name: cell
+        for name, cell in stored.get("cells", {}).items()
+        if "config" in cell and all(key in cell for key in METRICS)
+    }
+
+
+def _same_training(recorded: dict, config: RunConfig, auto_beta: bool) -> bool:
+    """Whether a recorded cell's config trains what ``config`` trains (the end-of-run grid's
+    sampler aside; an ``auto`` cell's beta is the estimator's, made from the same data)."""
+    ignore = ("beta", "beta_estimate") if auto_beta else ()
+    mine, theirs = config.to_dict(), RunConfig.normalize(recorded)
+    for values in (mine, theirs):
+        values["sample"] = None
+        values["train"] = {k: v for k, v in values["train"].items() if k not in ignore}
+    return mine == theirs
+
+
+def _train_and_evaluate(
+    cells, configs, out: Path, evaluate, show_progress: bool, log, recorded: dict[str, dict]
+) -> dict[str, dict]:
     """Every cell trained (a twin's model reused where the method trains like another), resumed or
-    reused, then evaluated: ``{cell name: eval.json}``."""
+    reused, then evaluated: ``{cell name: eval.json}``. A cell with no run folder that
+    ``recorded`` holds with the same training config is taken from there."""
     evals: dict[str, dict] = {}
     for index, cell in enumerate(cells, 1):
         run_dir = out / "runs" / cell.name
         log(f"[{index}/{len(cells)}] {cell.name}")
+        record = recorded.get(cell.name)
+        auto = cell.beta == "auto"
+        if not run_dir.exists() and record and _same_training(record["config"], configs[cell.name], auto):
+            evals[cell.name] = {key: value for key, value in record.items() if key != "config"}
+            log(f"    reused from {RESULTS} (no run folder)")
+            _log_cell(log, evals[cell.name])
+            continue
         if cell.beta == "auto":
             _estimate_beta(configs[cell.name], run_dir, log)
         twin_method = registry.get(cell.method).trains_like

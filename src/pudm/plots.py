@@ -25,19 +25,32 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_benchmark(out: Path, cells: list, evals: dict[str, dict]) -> None:
+    """grids.png, rate_vs_fid.png and training_curves.png of a benchmark folder. The grids and
+    curves come from the run folders of each method's first cell; where one is absent (a cell
+    reused from results.json) the existing picture is kept rather than redrawn with a hole."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     labels = list(dict.fromkeys(cell.label for cell in cells))
     colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
     first_of = {}
     for cell in cells:
         first_of.setdefault(cell.label, cell)
+    complete = all((out / "runs" / cell.name).is_dir() for cell in first_of.values())
+    if complete or not (out / "grids.png").is_file():
+        _plot_grids(out, labels, first_of, evals, cells[0].seed)
+    _plot_rate_vs_fid(out, labels, colours, cells, evals)
+    if complete or not (out / "training_curves.png").is_file():
+        _plot_curves(out, labels, colours, first_of)
 
-    # Sample grids of the first seed of every method, side by side.
+
+def _plot_grids(out: Path, labels: list, first_of: dict, evals: dict[str, dict], seed: int) -> None:
+    """Sample grids of the first seed of every method, side by side."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
     figure, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.6), squeeze=False)
     for axis, label in zip(axes[0], labels, strict=True):
         cell = first_of[label]
@@ -46,11 +59,15 @@ def plot_benchmark(out: Path, cells: list, evals: dict[str, dict]) -> None:
             axis.imshow(np.asarray(Image.open(grid)), cmap="gray")
         axis.set_title(f"{label}\nrate {evals[cell.name]['non_sensitive_rate']:.3f}", fontsize=9)
         axis.axis("off")
-    figure.suptitle(f"samples (seed {cells[0].seed})", fontsize=10)
+    figure.suptitle(f"samples (seed {seed})", fontsize=10)
     _save(figure, out / "grids.png")
     plt.close(figure)
 
-    # Non-sensitive rate against FID, one point per cell.
+
+def _plot_rate_vs_fid(out: Path, labels: list, colours: dict, cells: list, evals: dict[str, dict]) -> None:
+    """Non-sensitive rate against FID, one point per cell."""
+    import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for label in labels:
         points = [evals[c.name] for c in cells if c.label == label]
@@ -67,7 +84,11 @@ def plot_benchmark(out: Path, cells: list, evals: dict[str, dict]) -> None:
     _save(figure, out / "rate_vs_fid.png")
     plt.close(figure)
 
-    # Training curves: the mean denoising error on U, and the PU bracket where there is one.
+
+def _plot_curves(out: Path, labels: list, colours: dict, first_of: dict) -> None:
+    """Training curves: the mean denoising error on U, and the PU bracket where there is one."""
+    import matplotlib.pyplot as plt
+
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label in labels:
         rows = _metrics(out / "runs" / first_of[label].name)
