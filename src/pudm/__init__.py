@@ -21,6 +21,7 @@ from pudm.api import (
     train_classifier,
     train_sd,
 )
+from pudm.audit import audit
 from pudm.errors import UsageError
 from pudm.objectives import CrossProcessSum, ObjectiveOutput, objective, sensitive_score
 
@@ -31,6 +32,7 @@ __all__ = [
     "Run",
     "UsageError",
     "__version__",
+    "audit",
     "benchmark",
     "estimate_beta",
     "customize",

@@ -1,4 +1,4 @@
-"""The ``pudm`` command line: train, sample, classifier train, evaluate, benchmark, demo.
+"""The ``pudm`` command line: train, sample, classifier train, evaluate, audit, benchmark, demo.
 
 The CLI parses arguments, turns them into the settings of :mod:`pudm.api` and calls it. The flags
 of train and sd come from the config dataclasses (:mod:`pudm.flags`); the few options of the other
@@ -129,6 +129,22 @@ EVALUATE_OPTIONS = (
         "pudm sd runs: normal images for the classifier FID (any form --unlabeled takes)",
     ),
     ("--quiet", FLAG, False, "no progress bars"),
+)
+
+AUDIT_OPTIONS = (
+    ("target", Path, None, "a run, a pipeline, a folder of generated images or the .npz of pudm sample"),
+    ("--unlabeled", flags.data_source, None, "U (default: the run's); any form pudm train takes"),
+    ("--sensitive", flags.data_source, None, "S (default: the run's)"),
+    ("--beta", float, None, "share of sensitive items in U (default: the run's, else estimated)"),
+    ("--num", int, 1000, "samples to draw (default 1000)"),
+    ("--sampler", SAMPLERS, None, "default: the run's"),
+    ("--sample-steps", int, None, "default: the run's"),
+    ("--seed", int, 0, "sampling seed (default 0)"),
+    ("--noise-level", flags.noise_level, None, "DDPM timestep (of 1000) to compare items at, or auto"),
+    ("--channels", (1, 3), None, "a folder of samples: grey (1) or RGB (3)", {"type": int}),
+    ("--out", Path, None, "folder for audit.json and audit.png (default: the run)"),
+    ("--json", FLAG, False, "print the report as one JSON object"),
+    ("--quiet", FLAG, False, "no progress bar"),
 )
 
 
@@ -348,6 +364,37 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_audit(args: argparse.Namespace) -> int:
+    """how many samples look sensitive, from U and S alone (no labels) -> audit.json
+
+    Draw --num samples from a run (or a pipeline), or take a folder of generated images, and
+    estimate the share that is sensitive with cross-fitted S-vs-U classifiers on noised items
+    (adjusted classify-and-count), with a bootstrap 95% interval. Writes audit.json and audit.png,
+    the most sensitive-looking samples first.
+    """
+    from pudm.audit import AUDIT, AUDIT_GRID, AuditConfig, audit, describe
+
+    if args.sample_steps is not None and args.sample_steps <= 0:
+        raise UsageError(f"--sample-steps must be > 0, got {args.sample_steps}")
+    report = audit(
+        args.target,
+        config=AuditConfig(noise_level=args.noise_level),
+        steps=args.sample_steps,
+        show_progress=not args.quiet,
+        **_pick(args, "unlabeled", "sensitive", "beta", "num", "sampler", "seed", "out", "channels"),
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(describe(report))
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
+    where = args.out or args.target
+    grid = where / AUDIT_GRID
+    print(f"report: {where / AUDIT}; the most sensitive-looking samples first: {grid}")
+    return 0
+
+
 def command_benchmark(args: argparse.Namespace) -> int:
     """methods x seeds: train, sample, evaluate; table and plots
 
@@ -445,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _command(classifier, "train", command_classifier_train, CLASSIFIER_OPTIONS)
     _command(sub, "evaluate", command_evaluate, EVALUATE_OPTIONS)
+    _command(sub, "audit", command_audit, AUDIT_OPTIONS)
     sd = _command(sub, "sd", command_sd)
     overwrite = ("--overwrite", FLAG, False, "replace a finished or broken run in --out")
     flags.add(

@@ -28,6 +28,17 @@ def beta_value(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"--beta takes a number in [0, 1) or auto, got {text!r}") from None
 
 
+def noise_level(text: str) -> int | None:
+    """``pudm audit --noise-level``: a DDPM timestep, or auto (None)."""
+    if text == AUTO:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        message = f"--noise-level takes a timestep in [0, 1000) or auto, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def data_source(text: str) -> str:
     """``--unlabeled`` and the like: a folder, Parquet file(s), a save_to_disk folder, tar shards
     (a brace pattern allowed) or a hub id (:mod:`pudm.readers`); made absolute when stored."""
