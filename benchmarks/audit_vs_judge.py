@@ -1,17 +1,22 @@
 """The label-free audit next to the labeled judge, on the same samples of each run.
 
-    python benchmarks/audit_vs_judge.py --classifier runs/demo/classifier runs/demo/runs/*-seed0
+    python benchmarks/audit_vs_judge.py --classifier runs/demo/classifier runs/demo/runs/*-seed0 \
+        --out benchmarks/results/audit_check/digits.json
 
 For every run: draws --num samples with the run's sampler (seed 0), asks the judge (a classifier
 trained on the real labels) which share is sensitive, corrects that share for the judge's held-out
 recall and its false-positive rate on the run's normal test split (optimistic where the judge
 trained on those images, as on digits), and audits the same samples from the run's U and S alone
-(:func:`pudm.audit.audit_images`, no labels). Prints one row per run and the audit's cost.
+(:func:`pudm.audit.audit_images`, no labels). Prints one row per run and the audit's cost;
+``--out`` keeps the rows as JSON (the docs' table is written from it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +42,9 @@ def main() -> None:
     parser.add_argument("--classifier", type=Path, required=True, help="the judge")
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--noise-level", type=int, default=None, help="default: auto")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows to this JSON file")
     args = parser.parse_args()
+    rows = []
     judge = Classifier.load(args.classifier)
     recall = judge.info.heldout_sensitive_recall
     print(
@@ -73,6 +80,25 @@ def main() -> None:
         )
         for warning in report["warnings"]:
             print(f"  warning: {warning}")
+        rows.append(
+            {
+                "run": run.name,
+                "method": config.train.method,
+                "judge_share": judged,
+                "judge_recall": recall,
+                "judge_false_positive": false_positive,
+                "judge_corrected": corrected(judged, recall, false_positive),
+                "audit": {k: v for k, v in report.items() if k != "config"},
+            }
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "command": " ".join(["python", "benchmarks/audit_vs_judge.py", *sys.argv[1:]]),
+            "num": args.num,
+        }
+        record["cpu_threads"] = os.environ.get("OMP_NUM_THREADS", "default")
+        args.out.write_text(json.dumps({**record, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

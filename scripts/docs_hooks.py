@@ -6,6 +6,8 @@ site is built (``mkdocs build``), so nothing below is ever written twice by hand
 - ``<!-- pudm:results NAME -->``: the table of ``benchmarks/results/NAME/results.json`` (what
   ``pudm benchmark`` wrote), its judge and its per-seed figures;
 - ``<!-- pudm:folder-case NAME -->``: the table of ``benchmarks/results/folder_cases/NAME.json``;
+- ``<!-- pudm:audit-check NAME -->``: the label-free audit next to the judge, from
+  ``benchmarks/results/audit_check/NAME.json`` (``benchmarks/audit_vs_judge.py``);
 - ``<!-- pudm:flags -->``: every flag of every command, from the command line's own parser;
 - ``<!-- pudm:config -->``: every key of a config file, from the config dataclasses;
 - ``<!-- pudm:presets -->``: what each preset sets, against the defaults;
@@ -108,6 +110,34 @@ def folder_case_table(names: str) -> str:
     lines.append(
         "Rate by an SVM on all digits (not pudm's judge) / FID on pudm's digits CNN features / pixel "
         "Frechet distance; 500 samples per cell, one seed. Source: `benchmarks/results/folder_cases/`.\n"
+    )
+    return "\n".join(lines)
+
+
+def audit_check_table(name: str) -> str:
+    """The rows of ``benchmarks/audit_vs_judge.py``: the judge's share and the audit's, per run."""
+    path = RESULTS / "audit_check" / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"no audit check at {path.relative_to(ROOT)}")
+    check = json.loads(path.read_text())
+    lines = [
+        "| run | judge's share | judge, corrected | audit (no labels) | 95% interval | noise level |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in check["rows"]:
+        audit = row["audit"]
+        share = "-" if audit["sensitive_share"] is None else f"{audit['sensitive_share']:.3f}"
+        interval = "-" if audit["interval"] is None else "[{:.3f}, {:.3f}]".format(*audit["interval"])
+        lines.append(
+            f"| {row['run']} | {row['judge_share']:.3f} | {row['judge_corrected']:.3f} | {share} | "
+            f"{interval} | {audit['noise_level']} |"
+        )
+    seconds = ", ".join(f"{row['audit']['seconds']:.0f}" for row in check["rows"])
+    lines.append("")
+    lines.append(
+        f"{check['num']} samples per run; the judge corrected for its held-out recall and its false "
+        f"positives on the test split. Audit seconds (fitting included): {seconds}. "
+        f"Command: `{check['command']}`. Source: `benchmarks/results/audit_check/{name}.json`.\n"
     )
     return "\n".join(lines)
 
@@ -248,6 +278,7 @@ def methods_reference() -> str:
 GENERATORS = {
     "results": results_table,
     "folder-case": folder_case_table,
+    "audit-check": audit_check_table,
     "flags": lambda _: flags_reference(),
     "config": lambda _: config_reference(),
     "presets": lambda _: presets_reference(),

@@ -128,6 +128,8 @@ def test_a_run_and_its_samples_on_disk_audit_the_same(folders, tmp_path, capsys)
     assert report["beta"] == 0.1 and report["beta_source"] == "the run's"
     assert report["num_samples"] == 60 and report["sampler"] and report["sampling_seed"] == 0
     assert Image.open(run / AUDIT_GRID).size[0] > 8
+    card = (run / "pipeline" / "README.md").read_text()
+    assert f"about {report['sensitive_share']:.1%} of 60 samples look like S" in card
 
     assert main(["sample", str(run), "--num", "60", "--out", str(tmp_path / "s.npz")]) == 0
     samples = np.load(tmp_path / "s.npz")["images"]
@@ -191,3 +193,34 @@ def test_bad_input_is_one_line_and_writes_nothing(folders, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (argv, err)
         assert not (tmp_path / "out").exists()
+
+
+def test_the_audit_never_reads_the_hidden_truth(tmp_path, monkeypatch):
+    """A labeled preset's split carries which items of U are sensitive: scrambling it (and its fine
+    labels) leaves the audit of a run unchanged, to the last digit."""
+    import dataclasses
+
+    import pudm.datasets
+    from pudm.audit import audit
+
+    run = tmp_path / "run"
+    train = ["train", "--preset", "digits_even", "--method", "unsupervised", "--steps", "2", "--quiet"]
+    train += ["--batch-size", "16", "--log-every", "1", "--checkpoint-every", "2", "--sample-steps", "2"]
+    assert main([*train, "--grid-size", "4", "--out", str(run)]) == 0
+    first = audit(run, num=40, steps=2, config=QUICK)
+    real = pudm.datasets.split_from_config
+
+    def scrambled(config):
+        split = real(config)
+        order = torch.randperm(len(split.unlabeled), generator=torch.Generator().manual_seed(1))
+        return dataclasses.replace(
+            split,
+            unlabeled_is_sensitive=split.unlabeled_is_sensitive[order],
+            unlabeled_labels=None if split.unlabeled_labels is None else split.unlabeled_labels[order],
+        )
+
+    monkeypatch.setattr(pudm.datasets, "split_from_config", scrambled)
+    again = audit(run, num=40, steps=2, config=QUICK)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in first.items() if k != "seconds"
+    }

@@ -460,4 +460,8 @@ def audit(
         report["beta_source"] = source
     report.update(how)
     write(out, report, samples, sample_scores)
+    if is_run and out.resolve() == target.resolve():
+        from pudm.cards import refresh_cards
+
+        refresh_cards(target)  # the model card states the audit
     return report

@@ -64,8 +64,29 @@ def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
     return lines + [f"| {name} | {value} |" for name, value in rows]
 
 
-def model_card(config: dict[str, Any], data: dict[str, Any], evaluation: dict[str, Any] | None = None):
-    """The card of a run: ``config`` as config.json holds it, ``data`` the sizes of U and S."""
+def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
+    if not audit:
+        return [
+            "Not audited yet: `pudm audit RUN` estimates from U and S alone how many samples look like S."
+        ]
+    if audit.get("sensitive_share") is None:
+        return [f"Audited without labels (`pudm audit`): no estimate ({audit['warnings'][0]})."]
+    low, high = audit["interval"]
+    line = (
+        f"Audited without labels (`pudm audit`, from U and S alone): about {audit['sensitive_share']:.1%} of "
+        f"{audit['num_samples']} samples look like S, 95% interval [{low:.1%}, {high:.1%}]."
+    )
+    return [line, *(f"Warning: {warning}" for warning in audit.get("warnings", []))]
+
+
+def model_card(
+    config: dict[str, Any],
+    data: dict[str, Any],
+    evaluation: dict[str, Any] | None = None,
+    audit: dict[str, Any] | None = None,
+):
+    """The card of a run: ``config`` as config.json holds it, ``data`` the sizes of U and S, and the
+    latest ``eval.json`` and ``audit.json``."""
     from huggingface_hub import ModelCard, ModelCardData
 
     train, model = config["train"], config["model"]
@@ -120,6 +141,8 @@ def model_card(config: dict[str, Any], data: dict[str, Any], evaluation: dict[st
             "",
             *_evaluation_lines(evaluation),
             "",
+            *_audit_lines(audit),
+            "",
             "## Limitations",
             "",
             LIMITATION,
@@ -137,11 +160,13 @@ def model_card(config: dict[str, Any], data: dict[str, Any], evaluation: dict[st
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{text}")
 
 
-def write_card(folder: Path, config: dict[str, Any], data: dict[str, Any], evaluation=None) -> None:
+def write_card(
+    folder: Path, config: dict[str, Any], data: dict[str, Any], evaluation=None, audit=None
+) -> None:
     """``folder/README.md``, via a temporary file."""
     path = Path(folder) / CARD
     tmp = path.with_name(f".{CARD}.tmp")
-    tmp.write_text(str(model_card(config, data, evaluation)), encoding="utf-8")
+    tmp.write_text(str(model_card(config, data, evaluation, audit)), encoding="utf-8")
     tmp.replace(path)
 
 
@@ -151,17 +176,19 @@ def card_folders(run_dir: Path) -> list[Path]:
 
 
 def refresh_cards(run_dir: Path) -> None:
-    """Rewrite the cards of a finished run from its config.json, summary.json and eval.json."""
+    """Rewrite the cards of a finished run from its config.json, summary.json, eval.json and
+    audit.json."""
     run_dir = Path(run_dir)
     if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
         return
     config = json.loads((run_dir / "config.json").read_text())
     data = json.loads((run_dir / "summary.json").read_text()).get("data", {})
-    evaluation = (
-        json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else None
+    evaluation, audit = (
+        json.loads((run_dir / name).read_text()) if (run_dir / name).is_file() else None
+        for name in ("eval.json", "audit.json")
     )
     for folder in card_folders(run_dir):
-        write_card(folder, config, data, evaluation)
+        write_card(folder, config, data, evaluation, audit)
 
 
 def check_hub(repo_id: str) -> None:
