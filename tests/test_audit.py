@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pudm.audit import AUDIT, AUDIT_GRID, AuditConfig, adjusted_share, audit_images, noised
+from pudm.audit import AUDIT, AUDIT_GRID, LEVELS, AuditConfig, adjusted_share, audit_images, noised
 from pudm.cli import main
 from pudm.errors import UsageError
 
@@ -87,6 +87,10 @@ def test_audit_recovers_known_shares_of_real_digit_mixtures(parts, share):
     assert abs(estimate - truth) <= 0.25 * truth + 0.03, (truth, estimate)
     assert low - 0.01 <= truth <= high + 0.01, (truth, low, high)
     assert report["warnings"] == [] and report["samples_vs_unlabeled_auc"] < 0.7
+    # Real items look like U already: the lowest level that passes the check is the one used.
+    tried = report["samples_vs_unlabeled_auc_by_level"]
+    assert list(tried)[-1] == str(report["noise_level"]) and tried[str(report["noise_level"])] <= 0.55
+    assert all(auc > 0.55 for auc in list(tried.values())[:-1])
     if count:  # the sensitive items score higher than the normal ones
         assert scores[len(normal) :].mean() > scores[: len(normal)].mean() + 0.2
 
@@ -94,7 +98,9 @@ def test_audit_recovers_known_shares_of_real_digit_mixtures(parts, share):
 def test_samples_like_nothing_in_u_get_a_warning_not_a_confident_zero(parts):
     noise = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
     report, _ = audit_images(noise, parts["unlabeled"], parts["sensitive"], parts["beta"], QUICK)
-    assert report["samples_vs_unlabeled_auc"] > 0.95
+    tried = report["samples_vs_unlabeled_auc_by_level"]
+    assert list(tried) == [str(level) for level in LEVELS] and min(tried.values()) > 0.65
+    assert report["noise_level"] == int(min(tried, key=tried.get))
     assert any("look like nothing in U" in warning for warning in report["warnings"])
 
 
