@@ -136,7 +136,8 @@ def audit_check_table(name: str) -> str:
     lines.append("")
     lines.append(
         f"{check['num']} samples per run; the judge corrected for its held-out recall and its false "
-        f"positives on the test split. Audit seconds (fitting included): {seconds}. "
+        f"positives on the test split. Audit seconds (fitting included; CPU threads: "
+        f"{check.get('cpu_threads', 'default')}): {seconds}. "
         f"Command: `{check['command']}`. Source: `benchmarks/results/audit_check/{name}.json`.\n"
     )
     return "\n".join(lines)
