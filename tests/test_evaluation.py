@@ -305,15 +305,17 @@ def test_benchmark_writes_tables_and_plots_and_resumes(tmp_path, classifier_dir,
     assert json.loads(stale.read_text())["sampling_seeds"] != "older"
 
     # A fresh clone holds results.json, not the runs: a cell with no run folder is taken from
-    # results.json when it records the same config and evaluation, and the grids drawn from the
-    # missing run are kept, not redrawn with a hole.
+    # results.json when it records the same config and evaluation; the grids, drawn from run
+    # folders, are kept rather than redrawn with a hole where a method has none left.
     import shutil
 
     recorded = json.loads((out / "results.json").read_text())
     grids = (out / "grids.png").read_bytes()
-    shutil.rmtree(out / "runs" / "unsupervised-seed0")
+    for seed in (0, 1):
+        shutil.rmtree(out / "runs" / f"unsupervised-seed{seed}")
     assert main(args) == 0
     assert not (out / "runs" / "unsupervised-seed0").exists()
+    assert not (out / "runs" / "unsupervised-seed1").exists()
     again = json.loads((out / "results.json").read_text())
     assert again["cells"] == recorded["cells"] and again["summary"] == recorded["summary"]
     assert (out / "grids.png").read_bytes() == grids

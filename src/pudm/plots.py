@@ -26,8 +26,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def plot_benchmark(out: Path, cells: list, evals: dict[str, dict]) -> None:
     """grids.png, rate_vs_fid.png and training_curves.png of a benchmark folder. The grids and
-    curves come from the run folders of each method's first cell; where one is absent (a cell
-    reused from results.json) the existing picture is kept rather than redrawn with a hole."""
+    curves come from the run folder of each method's first cell that has one; where a method has
+    none (cells reused from results.json) the existing pictures are kept rather than redrawn with
+    a hole."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,31 +36,35 @@ def plot_benchmark(out: Path, cells: list, evals: dict[str, dict]) -> None:
 
     labels = list(dict.fromkeys(cell.label for cell in cells))
     colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
-    first_of = {}
+    shown = {}
     for cell in cells:
-        first_of.setdefault(cell.label, cell)
-    complete = all((out / "runs" / cell.name).is_dir() for cell in first_of.values())
+        if (out / "runs" / cell.name).is_dir():
+            shown.setdefault(cell.label, cell)
+    complete = len(shown) == len(labels)
+    for cell in cells:
+        shown.setdefault(cell.label, cell)
     if complete or not (out / "grids.png").is_file():
-        _plot_grids(out, labels, first_of, evals, cells[0].seed)
+        _plot_grids(out, labels, shown, evals)
     _plot_rate_vs_fid(out, labels, colours, cells, evals)
     if complete or not (out / "training_curves.png").is_file():
-        _plot_curves(out, labels, colours, first_of)
+        _plot_curves(out, labels, colours, shown)
 
 
-def _plot_grids(out: Path, labels: list, first_of: dict, evals: dict[str, dict], seed: int) -> None:
-    """Sample grids of the first seed of every method, side by side."""
+def _plot_grids(out: Path, labels: list, shown: dict, evals: dict[str, dict]) -> None:
+    """Sample grids of one seed of every method, side by side."""
     import matplotlib.pyplot as plt
     from PIL import Image
 
     figure, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.6), squeeze=False)
     for axis, label in zip(axes[0], labels, strict=True):
-        cell = first_of[label]
+        cell = shown[label]
         grid = out / "runs" / cell.name / EVAL_GRID
         if grid.is_file():
             axis.imshow(np.asarray(Image.open(grid)), cmap="gray")
-        axis.set_title(f"{label}\nrate {evals[cell.name]['non_sensitive_rate']:.3f}", fontsize=9)
+        rate = evals[cell.name]["non_sensitive_rate"]
+        axis.set_title(f"{label}, seed {cell.seed}\nrate {rate:.3f}", fontsize=9)
         axis.axis("off")
-    figure.suptitle(f"samples (seed {seed})", fontsize=10)
+    figure.suptitle("samples", fontsize=10)
     _save(figure, out / "grids.png")
     plt.close(figure)
 
@@ -85,18 +90,18 @@ def _plot_rate_vs_fid(out: Path, labels: list, colours: dict, cells: list, evals
     plt.close(figure)
 
 
-def _plot_curves(out: Path, labels: list, colours: dict, first_of: dict) -> None:
+def _plot_curves(out: Path, labels: list, colours: dict, shown: dict) -> None:
     """Training curves: the mean denoising error on U, and the PU bracket where there is one."""
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for label in labels:
-        rows = _metrics(out / "runs" / first_of[label].name)
+        rows = _metrics(out / "runs" / shown[label].name)
         if not rows:
             continue
         steps = [row["step"] for row in rows]
         left.plot(steps, [row["mean_unlabeled_loss"] for row in rows], color=colours[label], label=label)
-        if first_of[label].method == "pu":
+        if shown[label].method == "pu":
             right.plot(steps, [row["bracket"] for row in rows], color=colours[label], label=label)
     left.set_title("mean denoising error on the training data", fontsize=9)
     left.set_yscale("log")
