@@ -74,10 +74,9 @@ def main() -> None:
         auc = report["samples_vs_unlabeled_auc"]
         row = f"{audit} | {interval} | {report['noise_level']} | {auc:.2f} | {seconds:.0f}"
         print(f"| {run.name} | {judge_cells} | {row} |", flush=True)
-        print(
-            f"  judge: held-out sensitive recall {recall:.3f}, false positives on the test split "
-            f"{false_positive:.3f}"
-        )
+        judge_said = f"held-out sensitive recall {recall}, false positives on the test split "
+        judge_said += f"{false_positive:.3f}"
+        print(f"  judge: {judge_said}")
         for warning in report["warnings"]:
             print(f"  warning: {warning}")
         rows.append(

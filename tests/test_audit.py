@@ -95,6 +95,19 @@ def test_audit_recovers_known_shares_of_real_digit_mixtures(parts, share):
         assert scores[len(normal) :].mean() > scores[: len(normal)].mean() + 0.2
 
 
+def test_without_beta_it_is_estimated_from_the_same_scores(parts):
+    normal = parts["normal_pool"]
+    count = round(0.2 * len(normal) / 0.8)
+    samples = _uint8(torch.cat([normal, parts["sensitive_pool"][:count]]))
+    truth = count / len(samples)
+    report, _ = audit_images(samples, parts["unlabeled"], parts["sensitive"], None, QUICK)
+    assert report["beta_source"] == "estimated (BBE)"
+    assert abs(report["beta"] - parts["beta"]) < 0.05, report["beta"]
+    assert abs(report["sensitive_share"] - truth) <= 0.25 * truth + 0.03
+    low, high = report["interval"]
+    assert low <= report["sensitive_share"] <= high
+
+
 def test_samples_like_nothing_in_u_get_a_warning_not_a_confident_zero(parts):
     noise = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
     report, _ = audit_images(noise, parts["unlabeled"], parts["sensitive"], parts["beta"], QUICK)
@@ -149,6 +162,9 @@ def test_a_run_and_its_samples_on_disk_audit_the_same(folders, tmp_path, capsys)
         assert again["interval"] == report["interval"]
         assert again["beta_source"] == "given"
     assert "look like S" in capsys.readouterr().out
+    # U without S on a run would silently mix the run's S with another U: refused.
+    assert main(["audit", str(run), "--unlabeled", str(folders / "U")]) == 2
+    assert "together" in capsys.readouterr().err
 
 
 def _bad_cases(folders: Path, tmp_path: Path) -> list:
@@ -158,6 +174,10 @@ def _bad_cases(folders: Path, tmp_path: Path) -> list:
     wide.mkdir()
     Image.fromarray(np.zeros((8, 12), dtype=np.uint8)).save(wide / "a.png")
     (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    whole = tmp_path / "whole.npz"
+    np.savez(whole, images=np.zeros((30, 8, 8, 1), np.uint8))
+    (tmp_path / "cut.npz").write_bytes(whole.read_bytes()[:100])
+    few = _write(tmp_path / "few", torch.zeros(5, 1, 8, 8))
     data = ["--unlabeled", str(folders / "U"), "--sensitive", str(folders / "S")]
     out = ["--out", str(tmp_path / "out")]
     return [
@@ -176,10 +196,14 @@ def _bad_cases(folders: Path, tmp_path: Path) -> list:
                 str(tmp_path / "no"),
                 *out,
             ],
-            "no",
+            "--sensitive",
         ),
         ([str(folders / "U"), *data, "--beta", "1.5", *out], "--beta must be in [0, 1)"),
         ([str(folders / "U"), *data, "--noise-level", "1000", *out], "--noise-level"),
+        ([str(folders / "U"), *data, "--num", "1", *out], "--num must be >= 20"),
+        ([str(tmp_path / "cut.npz"), *data, *out], "not a samples file"),
+        ([str(few), *data, *out], "too few"),
+        ([str(folders / "U"), *data, "--out", str(folders / "U" / "0000.png")], "is a file"),
     ]
 
 
@@ -187,8 +211,8 @@ def test_samples_of_another_shape_than_u_and_s_are_refused(parts):
     # The command line reads U and S at the samples' size (as training reads them at
     # --image-size); tensors given to the API must already agree.
     with pytest.raises(UsageError, match="of their own size"):
-        audit_images(np.zeros((4, 16, 16, 1), np.uint8), parts["unlabeled"], parts["sensitive"], 0.1, QUICK)
-    with pytest.raises(UsageError, match="no samples"):
+        audit_images(np.zeros((30, 16, 16, 1), np.uint8), parts["unlabeled"], parts["sensitive"], 0.1, QUICK)
+    with pytest.raises(UsageError, match="too few"):
         audit_images(np.zeros((0, 8, 8, 1), np.uint8), parts["unlabeled"], parts["sensitive"], 0.1, QUICK)
 
 
@@ -201,9 +225,21 @@ def test_bad_input_is_one_line_and_writes_nothing(folders, tmp_path, capsys):
         assert not (tmp_path / "out").exists()
 
 
+class _Untouchable:
+    """Stands in for the hidden truth: any use of it fails the test."""
+
+    def __getattribute__(self, name):
+        raise AssertionError(f"the audit read the hidden truth (.{name})")
+
+    def _fail(self, *args):
+        raise AssertionError("the audit read the hidden truth")
+
+    __len__ = __getitem__ = __iter__ = __bool__ = __array__ = __float__ = _fail
+
+
 def test_the_audit_never_reads_the_hidden_truth(tmp_path, monkeypatch):
-    """A labeled preset's split carries which items of U are sensitive: scrambling it (and its fine
-    labels) leaves the audit of a run unchanged, to the last digit."""
+    """A labeled preset's split carries which items of U are sensitive and U's fine labels: the
+    audit of a run works with both replaced by something that fails when read."""
     import dataclasses
 
     import pudm.datasets
@@ -213,20 +249,15 @@ def test_the_audit_never_reads_the_hidden_truth(tmp_path, monkeypatch):
     train = ["train", "--preset", "digits_even", "--method", "unsupervised", "--steps", "2", "--quiet"]
     train += ["--batch-size", "16", "--log-every", "1", "--checkpoint-every", "2", "--sample-steps", "2"]
     assert main([*train, "--grid-size", "4", "--out", str(run)]) == 0
-    first = audit(run, num=40, steps=2, config=QUICK)
     real = pudm.datasets.split_from_config
 
-    def scrambled(config):
+    def hidden(config):
         split = real(config)
-        order = torch.randperm(len(split.unlabeled), generator=torch.Generator().manual_seed(1))
+        assert split.unlabeled_is_sensitive is not None  # there is a truth to hide
         return dataclasses.replace(
-            split,
-            unlabeled_is_sensitive=split.unlabeled_is_sensitive[order],
-            unlabeled_labels=None if split.unlabeled_labels is None else split.unlabeled_labels[order],
+            split, unlabeled_is_sensitive=_Untouchable(), unlabeled_labels=_Untouchable()
         )
 
-    monkeypatch.setattr(pudm.datasets, "split_from_config", scrambled)
-    again = audit(run, num=40, steps=2, config=QUICK)
-    assert {k: v for k, v in again.items() if k != "seconds"} == {
-        k: v for k, v in first.items() if k != "seconds"
-    }
+    monkeypatch.setattr(pudm.datasets, "split_from_config", hidden)
+    report = audit(run, num=40, steps=2, config=QUICK)
+    assert report["num_unlabeled"] > 0 and report["beta_source"] == "the run's"

@@ -48,9 +48,12 @@ ESTIMATOR = "adjusted classify-and-count (median sweep) on noised items, cross-f
 # The noise levels tried, lowest first, and the samples-vs-U AUC at which samples look like U.
 LEVELS = (0, 50, 100, 150, 200, 300, 400)
 LOOKS_LIKE_U = 0.55
-# The samples look like nothing in U where no level brings the samples-vs-U AUC below this.
+# The samples look like nothing in U where no level brings the samples-vs-U AUC below this
+# (plus beta / 2: what a model without sensitive samples differs from U by, in content alone).
 FOREIGN_AUC = 0.65
 FEW_SENSITIVE = 50
+# Fewer samples than this: no audit (the held-out halves of the samples-vs-U check need some).
+MIN_SAMPLES = 20
 
 
 @dataclass(frozen=True)
@@ -178,22 +181,30 @@ def adjusted_share(
 
 def bootstrap_interval(
     scores: Scores, beta: float | None, config: AuditConfig, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap over the samples, U and S (and beta's estimate, when beta is not given)."""
+) -> tuple[list[float] | None, int]:
+    """Percentile bootstrap over the samples, U and S (and beta's estimate, when beta is not given):
+    ``([low, high], resamples without an estimate)``, the interval None when no resample had one.
+
+    The fold models and the noise level stay fixed: the interval leaves out their own variance."""
     from pudm.prior import bbe
 
     rng = np.random.default_rng(config.seed)
-    draws = []
+    draws, failed = [], 0
     for _ in range(config.resamples):
         u = scores.unlabeled[rng.integers(0, len(scores.unlabeled), len(scores.unlabeled))]
         s = scores.sensitive[rng.integers(0, len(scores.sensitive), len(scores.sensitive))]
         x = scores.samples[:, rng.integers(0, scores.samples.shape[1], scores.samples.shape[1])]
         b = beta if beta is not None else min(bbe(u, s)[0], 0.99)
         share, _ = adjusted_share(u, s, x, b, config.min_separation)
-        draws.append(np.nan if share is None else share)
+        if share is None:
+            failed += 1
+        else:
+            draws.append(share)
+    if not draws:
+        return None, failed
     tail = (1 - level) / 2
-    low, high = np.nanquantile(np.asarray(draws), [tail, 1 - tail])
-    return float(low), float(high)
+    low, high = np.quantile(np.asarray(draws), [tail, 1 - tail])
+    return [float(low), float(high)], failed
 
 
 def two_sample_auc(unlabeled: torch.Tensor, samples: torch.Tensor, config: AuditConfig, level: int) -> float:
@@ -251,8 +262,10 @@ def audit_images(
 
     config = config or AuditConfig()
     config.validate()
-    if len(samples) == 0:
-        raise UsageError("there are no samples to audit: give a folder with images or a larger --num")
+    if len(samples) < MIN_SAMPLES:
+        raise UsageError(
+            f"{len(samples)} samples are too few to audit (at least {MIN_SAMPLES}): give more samples"
+        )
     x = as_tensor(samples)
     if x.shape[1:] != unlabeled.shape[1:] or sensitive.shape[1:] != unlabeled.shape[1:]:
         raise UsageError(
@@ -276,9 +289,17 @@ def audit_images(
             f"{detail['best_separation']:.2f}): no estimate; try a lower --noise-level or more S"
         )
     else:
-        interval = list(bootstrap_interval(scores, beta if beta_source == "given" else None, config))
+        interval, failed = bootstrap_interval(scores, beta if beta_source == "given" else None, config)
+        if interval is not None:  # the estimate lies inside its interval
+            interval = [min(interval[0], share), max(interval[1], share)]
+        if failed > 0.05 * config.resamples:
+            warnings.append(
+                f"{failed} of {config.resamples} bootstrap resamples found no threshold that tells S "
+                "from U: the interval is wider than it says"
+            )
     auc = aucs[level]
-    if auc > FOREIGN_AUC:
+    # Samples with no sensitive items differ from U by content alone: up to AUC 0.5 + beta / 2.
+    if auc > FOREIGN_AUC + beta / 2:
         warnings.append(
             f"the samples look like nothing in U (a samples-vs-U classifier tells them apart at every "
             f"noise level, held-out AUC {auc:.2f} at best): the share is not reliable for such samples"
@@ -318,10 +339,11 @@ def describe(report: dict) -> str:
     share = report["sensitive_share"]
     if share is None:
         return "no estimate: " + report["warnings"][0]
-    low, high = report["interval"]
+    interval = report["interval"]
+    said = "no interval" if interval is None else "95% interval [{:.1%}, {:.1%}]".format(*interval)
     return (
-        f"about {share:.1%} of {report['num_samples']} samples look like S (95% interval "
-        f"[{low:.1%}, {high:.1%}]; beta {report['beta']:.3f}, {report['beta_source']})"
+        f"about {share:.1%} of {report['num_samples']} samples look like S ({said}; beta "
+        f"{report['beta']:.3f}, {report['beta_source']})"
     )
 
 
@@ -337,7 +359,7 @@ def _npz_images(path: Path) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as stored:
             images = stored["images"]
-    except (OSError, ValueError, KeyError) as error:
+    except Exception as error:  # noqa: BLE001 - zip, pickle and format errors alike mean a bad file
         raise UsageError(
             f"{path} is not a samples file of pudm sample ({type(error).__name__}): write one with "
             "pudm sample RUN --out FILE.npz"
@@ -407,20 +429,27 @@ def audit(
     """
     from pudm.run_model import RunModel, pipeline_folder
 
+    config = config or AuditConfig()
+    config.validate()  # every cheap check before any sampling
     target = Path(target)
     if not target.exists():
         raise UsageError(f"{target} does not exist: give a run, a pipeline folder or a folder of samples")
-    if num <= 0:
-        raise UsageError(f"--num must be > 0, got {num}")
+    if num < MIN_SAMPLES:
+        raise UsageError(f"--num must be >= {MIN_SAMPLES} for an audit, got {num}")
     if beta is not None and not 0.0 <= beta < 1.0:
         raise UsageError(f"--beta must be in [0, 1), got {beta}")
+    if (unlabeled is None) != (sensitive is None):
+        raise UsageError("give --unlabeled and --sensitive together (or neither, to use the run's)")
     is_run = runs.holds_run(target)
-    if not is_run and (unlabeled is None or sensitive is None):
+    if not is_run and unlabeled is None:
         raise UsageError(f"{target} is not a pudm run: give --unlabeled and --sensitive to audit it against")
     if out is None and not is_run:
         raise UsageError("give --out, the folder for audit.json and audit.png")
     out = Path(out) if out is not None else target
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder")
     how: dict = {"target": target.name}
+    caution = None
     is_model = is_run or (target / "model_index.json").is_file() or (target / "pipeline").is_dir()
     if is_model:
         pipeline_folder(target)  # a clear error for an unfinished run
@@ -430,6 +459,7 @@ def audit(
         samples = drawn.images
         how.update(sampler=model.sampler, sampling_steps=model.steps, sampling_seed=seed)
         how["sampling"] = drawn.description
+        caution = model.caution
     elif target.suffix == ".npz":
         samples = _npz_images(target)
         how["sampling"] = "a samples file"
@@ -458,6 +488,8 @@ def audit(
     report, sample_scores = audit_images(samples, u_images, s_images, beta, config)
     if source is not None:
         report["beta_source"] = source
+    if caution:
+        report["warnings"].append(f"the sampler: {caution}")
     report.update(how)
     write(out, report, samples, sample_scores)
     if is_run and out.resolve() == target.resolve():

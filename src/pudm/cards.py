@@ -71,10 +71,11 @@ def _audit_lines(audit: dict[str, Any] | None) -> list[str]:
         ]
     if audit.get("sensitive_share") is None:
         return [f"Audited without labels (`pudm audit`): no estimate ({audit['warnings'][0]})."]
-    low, high = audit["interval"]
+    interval = audit.get("interval")
+    said = "no interval" if interval is None else "95% interval [{:.1%}, {:.1%}]".format(*interval)
     line = (
         f"Audited without labels (`pudm audit`, from U and S alone): about {audit['sensitive_share']:.1%} of "
-        f"{audit['num_samples']} samples look like S, 95% interval [{low:.1%}, {high:.1%}]."
+        f"{audit['num_samples']} samples look like S, {said}."
     )
     return [line, *(f"Warning: {warning}" for warning in audit.get("warnings", []))]
 
