@@ -38,7 +38,7 @@ TINY = {
     ("classifier", "train"): "--epochs 1",
     ("estimate-prior",): "--epochs 1",
     ("benchmark",): "--steps 3 --num 8 --sample-steps 2 --quiet",
-    ("audit",): "--num 16 --sample-steps 2 --quiet",
+    ("audit",): "--num 24 --sample-steps 2 --quiet",
 }
 # The Python examples at a test's size: each replaced piece must be on the page as written.
 SMALLER = {
