@@ -120,6 +120,11 @@ def test_the_results_tables_are_the_json_they_come_from():
         assert rate in line and f"{row['fid_classifier_mean']:.2f}" in line
     with pytest.raises(ValueError, match="unknown marker pudm:resultz"):
         hooks.render("<!-- pudm:resultz digits_even_methods -->")
+    check = json.loads((ROOT / "benchmarks" / "results" / "audit_check" / "digits.json").read_text())
+    table = hooks.render("<!-- pudm:audit-check digits -->")
+    for row in check["rows"]:
+        line = next(line for line in table.splitlines() if line.startswith(f"| {row['run']} |"))
+        assert f"{row['judge_share']:.3f}" in line and f"{row['audit']['sensitive_share']:.3f}" in line
 
 
 def test_the_reference_holds_every_flag_of_every_command_and_every_config_key():
