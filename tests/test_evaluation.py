@@ -326,6 +326,23 @@ def test_benchmark_writes_tables_and_plots_and_resumes(tmp_path, classifier_dir,
     assert (out / "runs" / "unsupervised-seed0" / "eval.json").is_file()
 
 
+def test_benchmark_audits_every_cell_when_asked(tmp_path, classifier_dir, capsys):
+    out = tmp_path / "audited"
+    args = ["benchmark", "--methods", "unsupervised", "--seeds", "0", "--steps", "2", "--num", "24"]
+    args += ["--classifier", str(classifier_dir), "--out", str(out), "--sample-steps", "2", "--quiet"]
+    args.append("--audit")
+    assert main(args) == 0
+    cell = json.loads((out / "results.json").read_text())["cells"]["unsupervised-seed0"]
+    stored = json.loads((out / "runs" / "unsupervised-seed0" / "audit.json").read_text())
+    assert cell["audit"]["sensitive_share"] == stored["sensitive_share"] and stored["num_samples"] == 24
+    assert "audited without labels |" in (out / "table.md").read_text()
+    assert "audited without labels" in capsys.readouterr().out
+    # Re-running reuses the audit made with the same samples.
+    before = (out / "runs" / "unsupervised-seed0" / "audit.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "runs" / "unsupervised-seed0" / "audit.json").stat().st_mtime_ns == before
+
+
 def test_benchmark_beta_sweep_and_bad_input(tmp_path, classifier_dir, capsys):
     out = tmp_path / "sweep"
     args = [

@@ -229,6 +229,10 @@ def summarise(cells: list[Cell], evals: dict[str, dict]) -> list[dict]:
         for key in METRICS:
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([v.get(key) for v in values])
             row[f"{key}_per_seed"] = [v.get(key) for v in values]
+        if any("audit" in v for v in values):
+            shares = [(v.get("audit") or {}).get("sensitive_share") for v in values]
+            row["audit_share_mean"], row["audit_share_std"] = _mean_std(shares)
+            row["audit_share_per_seed"] = shares
     return list(rows.values())
 
 
@@ -243,13 +247,15 @@ def _before_row(result: dict) -> dict:
 
 
 def markdown_table(rows: list[dict], num: int, sampler: str, steps: int) -> str:
+    audited = any("audit_share_mean" in row for row in rows)
     lines = [
-        f"| method | seeds | non-sensitive rate | {FID_CLASSIFIER} | {FID_PIXELS} |",
-        "|---|---|---|---|---|",
+        f"| method | seeds | non-sensitive rate | {FID_CLASSIFIER} | {FID_PIXELS} |"
+        + (" sensitive share, audited without labels |" if audited else ""),
+        "|---|---|---|---|---|" + ("---|" if audited else ""),
     ]
 
     def cell(row: dict, key: str, digits: int) -> str:
-        if row[f"{key}_mean"] is None:
+        if row.get(f"{key}_mean") is None:
             return "-"
         return f"{row[f'{key}_mean']:.{digits}f} +- {row[f'{key}_std']:.{digits}f}"
 
@@ -257,11 +263,17 @@ def markdown_table(rows: list[dict], num: int, sampler: str, steps: int) -> str:
         lines.append(
             f"| {row['label']} | {len(row['seeds'])} | {cell(row, 'non_sensitive_rate', 3)} | "
             f"{cell(row, 'fid_classifier', 2)} | {cell(row, 'fid_pixels', 2)} |"
+            + (f" {cell(row, 'audit_share', 3)} |" if audited else "")
         )
     lines.append("")
     lines.append(
         f"{num} samples per cell ({sampler}, {steps} steps); mean +- std over seeds; "
         "non-sensitive rate: 1 = never sensitive; FID and Frechet distance: lower is better."
+        + (
+            " Audited: the share of sensitive samples estimated from U and S alone (`pudm audit`), no judge."
+            if audited
+            else ""
+        )
     )
     return "\n".join(lines) + "\n"
 
@@ -282,9 +294,12 @@ def run_benchmark(
     pretrained: str | None = None,
     learning_rate: float | None = None,
     data_dir: str | None = None,
+    audit: bool = False,
 ) -> dict:
     """Train and evaluate every cell. With ``pretrained``, every cell fine-tunes that pipeline, and
-    when it is a finished pudm run it is evaluated too, as the row before fine-tuning."""
+    when it is a finished pudm run it is evaluated too, as the row before fine-tuning. With
+    ``audit``, every cell is also audited without labels (:func:`pudm.audit.audit`, on the same
+    samples), its share a column of the table."""
     out = Path(out)
     if num <= 0:
         raise UsageError(f"--num must be > 0, got {num}")
@@ -317,8 +332,9 @@ def run_benchmark(
             log(f"warning: {cell.name}: {caution}")
 
     def evaluate(run_dir: Path) -> dict:
-        """The stored evaluation when it was made with these settings, a new one otherwise."""
-        return _reusable_eval(run_dir, settings) or evaluate_run(
+        """The stored evaluation when it was made with these settings, a new one otherwise; with
+        ``audit``, the run's audit of the same samples as well."""
+        result = _reusable_eval(run_dir, settings) or evaluate_run(
             run_dir,
             classifier,
             num=num,
@@ -327,6 +343,9 @@ def run_benchmark(
             seed=0,
             show_progress=show_progress,
         )
+        if audit:
+            result = {**result, "audit": audit_cell(run_dir, num, sampler, sample_steps)}
+        return result
 
     before = None
     if pretrained and runs.is_complete(Path(pretrained)):
@@ -389,6 +408,28 @@ def _same_training(recorded: dict, config: RunConfig, auto_beta: bool) -> bool:
         values["sample"] = None
         values["train"] = {k: v for k, v in values["train"].items() if k not in ignore}
     return mine == theirs
+
+
+# What a cell keeps of its audit.json.
+AUDIT_KEYS = ("sensitive_share", "interval", "noise_level", "beta", "warnings")
+
+
+def audit_cell(run_dir: Path, num: int, sampler: str, steps: int) -> dict:
+    """The label-free audit of a cell's samples (those the judge saw: same sampler, steps, seed
+    0): the run's audit.json when it was made so, a new one otherwise."""
+    from pudm.audit import AUDIT, audit
+
+    path = Path(run_dir) / AUDIT
+    stored = runs.read_json(path) if path.is_file() else {}
+    made = (
+        stored.get("num_samples"),
+        stored.get("sampler"),
+        stored.get("sampling_steps"),
+        stored.get("sampling_seed"),
+    )
+    if made != (num, sampler, steps, 0):
+        stored = audit(run_dir, num=num, sampler=sampler, steps=steps, seed=0)
+    return {key: stored.get(key) for key in AUDIT_KEYS}
 
 
 def _train_and_evaluate(
@@ -481,7 +522,9 @@ def _log_cell(log: Callable[[str], None], result: dict) -> None:
     if trained:
         minutes, seconds = divmod(round(trained["seconds"]), 60)
         took = f"; {trained['steps']} training steps in {minutes} min {seconds} s"
-    log(f"    non-sensitive rate {rate:.3f}, {FID_CLASSIFIER} {fid:.2f}{took}")
+    audited = (result.get("audit") or {}).get("sensitive_share")
+    audit = "" if audited is None else f"; audited sensitive share {audited:.3f}"
+    log(f"    non-sensitive rate {rate:.3f}, {FID_CLASSIFIER} {fid:.2f}{audit}{took}")
 
 
 def _write_results(out: Path, results: dict, classifier: Classifier, cells: list[Cell], evals: dict) -> None:
@@ -548,6 +591,12 @@ class BenchmarkOptions:
         None, "sampler for evaluation (default: the preset's)", group=_GROUP, choices=SAMPLERS
     )
     sample_steps: int | None = flag(None, "sampling steps for evaluation", group=_GROUP)
+    audit: bool = flag(
+        False,
+        "also audit every cell without labels (pudm audit), a column next to the judge's rate",
+        group=_GROUP,
+        action="store_true",
+    )
 
     def with_defaults(self, quick: bool) -> dict:
         """The keywords of :func:`run_benchmark`, each None filled from FULL or QUICK."""
