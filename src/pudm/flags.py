@@ -18,25 +18,24 @@ _TYPES = {"int": int, "float": float, "str": str}
 AUTO = "auto"  # --beta auto (pudm.config.AUTO)
 
 
+def _number_or_auto(text: str, kind, auto, flag: str, what: str):
+    """``text`` as a ``kind`` number, or ``auto`` where it says auto; a one-line error otherwise."""
+    if text == AUTO:
+        return auto
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag} takes {what} or auto, got {text!r}") from None
+
+
 def beta_value(text: str) -> float | str:
     """``--beta``: a number, or auto."""
-    if text == AUTO:
-        return AUTO
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--beta takes a number in [0, 1) or auto, got {text!r}") from None
+    return _number_or_auto(text, float, AUTO, "--beta", "a number in [0, 1)")
 
 
 def noise_level(text: str) -> int | None:
     """``pudm audit --noise-level``: a DDPM timestep, or auto (None)."""
-    if text == AUTO:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        message = f"--noise-level takes a timestep in [0, 1000) or auto, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
+    return _number_or_auto(text, int, None, "--noise-level", "a timestep in [0, 1000)")
 
 
 def data_source(text: str) -> str:
